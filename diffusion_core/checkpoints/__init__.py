@@ -1,0 +1,1 @@
+"""Loading weights: architecture configs, single-file and diffusers-folder loaders, key maps."""

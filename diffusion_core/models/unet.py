@@ -1,0 +1,217 @@
+"""The latent-diffusion UNet ε_θ(z_t, t, c) of Stable Diffusion (Rombach et al. 2022, §3.3 and appendix E.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .layers import Downsample, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet's architecture in the terms of LDM's yaml files (`model.params.unet_config.params`)."""
+
+    in_channels: int                      # latent channels in: 4, or 9 for inpainting (latent, mask, masked latent)
+    out_channels: int                     # channels predicted: ε (or v) for each latent channel
+    model_channels: int                   # width of the first level; level i is model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...]         # width multiplier per level; each level after the first halves H and W
+    num_res_blocks: int                   # ResBlocks per level going down (one more per level coming up)
+    attention_resolutions: tuple[int, ...]  # downsample factors (1, 2, 4, ...) whose levels get a SpatialTransformer
+    context_dim: int                      # width of the text-encoder states that cross-attention reads
+    num_heads: int = -1                   # heads per attention layer (SD1: 8), or -1 when num_head_channels is set
+    num_head_channels: int = -1           # channels per head (SD2: 64), or -1 when num_heads is set
+    use_linear_in_transformer: bool = False  # SD2: Linear proj_in/proj_out on tokens; SD1: 1x1 convs on the map
+    transformer_depth: int = 1            # BasicTransformerBlocks per SpatialTransformer
+    upcast_attention: bool = False        # attend in fp32 when running in fp16/bf16 (SD2-768-v needs it)
+    norm_groups: int = 32                 # GroupNorm groups everywhere (LDM hard-codes 32)
+
+    def __post_init__(self):
+        # yaml gives lists; keep the dataclass hashable and its comparisons order-free
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError(f"UNetConfig: set exactly one of num_heads ({self.num_heads}) and num_head_channels "
+                             f"({self.num_head_channels}); the other must be -1")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a transformer at this width (LDM openaimodel.py)."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> UNetConfig:
+        """Read a diffusers `UNet2DConditionModel` config (unet/config.json); refuse options LDM lacks."""
+        for key, value in _DIFFUSERS_FIXED.items():
+            if config.get(key, value) != value:
+                raise ValueError(f"UNet config: {key}={config[key]!r} is not supported; only {value!r} is")
+        down, up = list(config["down_block_types"]), list(config["up_block_types"])
+        if not set(down) <= set(_UP_OF) or up != [_UP_OF[t] for t in reversed(down)]:
+            raise ValueError(f"UNet config: down_block_types {down} / up_block_types {up} must be mirrored "
+                             f"choices of {list(_UP_OF)} / {list(_UP_OF.values())}")
+        widths = list(config["block_out_channels"])
+        if any(w % widths[0] for w in widths):
+            raise ValueError(f"UNet config: block_out_channels {widths} must be multiples of the first")
+        attn_levels = [i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"]
+        # diffusers' `attention_head_dim` holds the number of heads for SD1/SD2 (diffusers issue #2011)
+        heads = config.get("attention_head_dim", 8)
+        per_level = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+        used = attn_levels + [len(widths) - 1]  # the middle block takes the last level's entry
+        counts, sizes = {per_level[i] for i in used}, {widths[i] // per_level[i] for i in used}
+        if len(counts) == 1:  # SD1: 8 heads at every width
+            head_kwargs = {"num_heads": counts.pop()}
+        elif len(sizes) == 1:  # SD2: 64 channels per head at every width
+            head_kwargs = {"num_head_channels": sizes.pop()}
+        else:
+            raise ValueError(f"UNet config: attention_head_dim {heads} gives neither one head count nor one head size")
+        return cls(in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
+                   model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+                   num_res_blocks=_one_value(config.get("layers_per_block", 2), "layers_per_block"),
+                   attention_resolutions=tuple(2 ** i for i in attn_levels),
+                   context_dim=config["cross_attention_dim"], **head_kwargs,
+                   use_linear_in_transformer=config.get("use_linear_projection", False),
+                   transformer_depth=_one_value(config.get("transformer_layers_per_block", 1),
+                                                "transformer_layers_per_block"),
+                   upcast_attention=config.get("upcast_attention", False),
+                   norm_groups=config.get("norm_num_groups", 32))
+
+    def to_diffusers(self) -> dict:
+        """The `UNet2DConditionModel(**config)` arguments of the same architecture."""
+        widths = [self.model_channels * m for m in self.channel_mult]
+        attn = [2 ** i in self.attention_resolutions for i in range(len(widths))]
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+        heads = self.num_heads if self.num_head_channels == -1 else [self.heads(w)[0] for w in widths]
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, block_out_channels=widths,
+                    layers_per_block=self.num_res_blocks, down_block_types=down,
+                    up_block_types=[_UP_OF[t] for t in reversed(down)], cross_attention_dim=self.context_dim,
+                    attention_head_dim=heads, use_linear_projection=self.use_linear_in_transformer,
+                    transformer_layers_per_block=self.transformer_depth, upcast_attention=self.upcast_attention,
+                    norm_num_groups=self.norm_groups)
+
+
+_UP_OF = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+# UNet2DConditionModel options with no LDM counterpart: only the value SD uses is accepted
+_DIFFUSERS_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
+    "num_class_embeds": None, "addition_embed_type": None, "encoder_hid_dim": None,
+    "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+    "cross_attention_norm": None,
+}
+
+
+def _one_value(value: int | list[int], name: str) -> int:
+    values = set(value) if isinstance(value, (list, tuple)) else {value}
+    if len(values) != 1:
+        raise ValueError(f"UNet config: {name}={value} must be the same at every level")
+    return values.pop()
+
+
+# Presets: LDM's v1-inference.yaml, v2-inference(-v).yaml and the inpainting yamls.
+SD15_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                       num_res_blocks=2, attention_resolutions=(4, 2, 1), context_dim=768, num_heads=8)
+# stable-diffusion-2-1's own config turns the fp32 attention upcast on; it is a no-op in fp32
+SD21_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                       num_res_blocks=2, attention_resolutions=(4, 2, 1), context_dim=1024, num_head_channels=64,
+                       use_linear_in_transformer=True, upcast_attention=True)
+SD15_INPAINT_UNET = replace(SD15_UNET, in_channels=9)
+SD2_INPAINT_UNET = replace(SD21_UNET, in_channels=9, upcast_attention=False)
+# An SD1-shaped UNet small enough for CPU tests: 3 levels, attention on the first two.
+TINY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2),
+                       num_res_blocks=2, attention_resolutions=(2, 1), context_dim=32, num_heads=8)
+
+
+class TimestepBlock(nn.Sequential):
+    """A Sequential that hands each layer what it needs: emb to ResBlocks, context to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Noise predictor ε_θ(z_t, t, c): a ResBlock/transformer UNet with skips (LDM §3.3; openaimodel.py)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        c = self.config = config
+        emb_dim = 4 * c.model_channels  # LDM's time_embed_dim
+
+        def res(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, ch_out, emb_dim, c.norm_groups)
+
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, *c.heads(ch), c.transformer_depth, c.context_dim,
+                                      c.use_linear_in_transformer, c.norm_groups, c.upcast_attention)
+
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skip_channels, ds = [ch], 1  # ds: the current downsample factor
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepBlock(res(ch, ch), transformer(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepBlock(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(c.norm_groups, ch, eps=1e-5), nn.SiLU(),
+                                 nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                context: torch.Tensor) -> torch.Tensor:
+        """Predict ε (or v) for `sample` (B, in_channels, H, W) at `timestep`, attending to `context` (B, 77, D).
+
+        Args:
+            sample: the noisy latent z_t.
+            timestep: a number, a 0-d tensor or one per sample (B,); fractional values are fine.
+            context: text-encoder hidden states.
+        """
+        t = _batch_timesteps(timestep, sample)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(sample.dtype))
+        h, skips = sample, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
+        return self.out(h)
+
+
+def _batch_timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+    """One timestep per sample, (B,), on the sample's device; dtypes as diffusers makes them."""
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor([timestep], dtype=torch.float64 if isinstance(timestep, float) else torch.int64)
+    return timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
