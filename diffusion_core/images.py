@@ -1,4 +1,4 @@
-"""Conversions between PIL images and the [-1, 1] tensors the VAE works in."""
+"""Conversions between PIL images and the [-1, 1] tensors the VAE works in, and inpainting masks."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +13,33 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_pil(image: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> B PIL images, rounded as diffusers' image processor rounds."""
-    array = (image.detach().float().cpu() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    """(B, 3, H, W) in [-1, 1] -> B PIL images, rounded as diffusers' image processor rounds.
+
+    Like diffusers, x/2 + 1/2 is taken in the tensor's own dtype (fp16 included) before going to float32.
+    """
+    array = (image.detach() * 0.5 + 0.5).clamp(0, 1).float().cpu().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+
+def image_to_model_input(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB image -> (1, 3, height, width) in [-1, 1], resized and scaled as diffusers' VaeImageProcessor does.
+
+    Lanczos resampling, then x/255 and 2x - 1 in float32: the same arithmetic gives the same latents.
+    """
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    array = np.array(resized).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) - 1.0
+
+
+def mask_to_model_input(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """Mask image -> (1, 1, height, width) of 0 (keep) and 1 (repaint), as diffusers' mask processor makes it.
+
+    Resized (Lanczos) in the mask's own mode, then converted to grayscale, then binarised at 0.5: grey
+    levels of 128 and above repaint.
+    """
+    gray = mask.resize((width, height), Image.Resampling.LANCZOS).convert("L")
+    array = np.array(gray).astype(np.float32) / 255.0
+    return (torch.from_numpy(array)[None, None] >= 0.5).float()
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
