@@ -1,0 +1,212 @@
+"""Prompt accuracy of the toy model, read from the pixels by a simple shape detector.
+
+An image counts as right when the detector finds the caption's background colour, shape colour
+and shape kind. The detector knows only the palette and three geometric facts: a square fills its
+bounding box, a circle fills π/4 of it, an upright triangle half of it with three quarters of its
+area in the lower half.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..checkpoints.loader import Components, load_components
+from ..guidance import classifier_free_guidance, is_guided
+from ..images import make_grid, tensor_to_pil
+from ..noise import randn
+from ..schedulers import make_scheduler
+from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, load_toy
+from .dataset import PALETTE, Scene, held_out_scenes, seen_scenes
+
+_PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # (8, 3)
+_NAMES = list(PALETTE)
+# (fill of the bounding box, share of the mask in the box's lower half) of each ideal shape
+_PROTOTYPES = {"circle": (math.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 0.75)}
+MIN_SHAPE_PIXELS = 150  # fewer pixels of the shape colour than this (a 12x12 blob) means no shape was drawn
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What the detector read from one image; `shape` and `colour` are None when it found no shape."""
+
+    background: str
+    colour: str | None
+    shape: str | None
+
+    def matches(self, scene: Scene) -> bool:
+        return (self.background, self.colour, self.shape) == (scene.background, scene.colour, scene.shape)
+
+
+def snap_to_palette(pixels: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour (Euclidean in RGB) for each pixel of (..., 3)."""
+    distances = np.linalg.norm(pixels[..., None, :].astype(np.float32) - _PALETTE_RGB, axis=-1)  # (..., 8)
+    return distances.argmin(axis=-1)
+
+
+def detect(image: Image.Image) -> Detection:
+    """Read background colour, shape colour and shape kind from an RGB image."""
+    labels = snap_to_palette(np.asarray(image.convert("RGB")))  # (H, W) palette indices
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    background = np.bincount(border, minlength=len(_NAMES)).argmax()
+    counts = np.bincount(labels.ravel(), minlength=len(_NAMES))
+    counts[background] = 0
+    colour = counts.argmax()
+    if counts[colour] < MIN_SHAPE_PIXELS:
+        return Detection(_NAMES[background], None, None)
+    return Detection(_NAMES[background], _NAMES[colour], classify_shape(labels == colour))
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """The ideal shape nearest in (fill ratio, lower-half share) to the mask's bounding-box statistics."""
+    # Rows and columns with at least two shape pixels bound the shape; lone stray pixels do not.
+    rows, cols = np.flatnonzero(mask.sum(axis=1) >= 2), np.flatnonzero(mask.sum(axis=0) >= 2)
+    if len(rows) == 0 or len(cols) == 0:  # only scattered pixels: fall back to all of them
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    fill = box.mean()
+    half = box.shape[0] / 2
+    row_mass = box.sum(axis=1)
+    # the middle row of an odd-height box counts half to each half
+    lower = row_mass[math.ceil(half):].sum() + (row_mass[int(half)] / 2 if box.shape[0] % 2 else 0)
+    lower_share = lower / max(box.sum(), 1)
+    features = np.array([fill, lower_share])
+    return min(_PROTOTYPES, key=lambda name: np.linalg.norm(features - np.array(_PROTOTYPES[name])))
+
+
+@torch.no_grad()
+def sample_images(components: Components, scenes: list[Scene], seeds: list[int], sampler: str, steps: int,
+                  guidance: float) -> list[Image.Image]:
+    """One image per (seed, scene), seed-major, from pure noise with classifier-free guidance (Ho & Salimans 2022).
+
+    Image i equals what the pipeline makes for the same caption and seed: its latent noise is drawn alone
+    from torch.Generator().manual_seed(seed).
+    """
+    unet, vae, config = components.unet, components.vae, components.config
+    scheduler = make_scheduler(sampler, **config.scheduler)
+    scheduler.set_timesteps(steps)
+    captions = [scene.caption for _ in seeds for scene in scenes]
+    side = config.native_size // 2 ** (len(config.vae.ch_mult) - 1)
+    noise = [randn((1, config.unet.in_channels, side, side), torch.Generator().manual_seed(s))
+             for s in seeds for _ in scenes]
+    z = torch.cat(noise) * scheduler.init_noise_sigma  # (B, 4, 16, 16)
+    cond = components.text_encoder(captions)
+    uncond = components.text_encoder([""] * len(captions))
+    generator = torch.Generator().manual_seed(seeds[0])
+    for t in scheduler.timesteps:
+        z_in = scheduler.scale_model_input(z, t)
+        if is_guided(guidance):
+            eps_uncond, eps_cond = unet(torch.cat([z_in, z_in]), t, torch.cat([uncond, cond])).chunk(2)
+            eps = classifier_free_guidance(eps_uncond, eps_cond, guidance)
+        else:
+            eps = unet(z_in, t, cond)
+        z = scheduler.step(eps, t, z, generator=generator).prev_sample
+    return tensor_to_pil(vae.decode(z / vae.scaling_factor))
+
+
+EVAL_SEEDS = (0, 1)  # every prompt is drawn with each of these seeds
+GUIDANCE_SCALES = (1.0, 2.0, 4.0, 7.5)
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a")
+
+
+def eval_scenes(split: str) -> list[Scene]:
+    """The fixed prompt sets: every third seen scene (48), and all 24 held-out scenes."""
+    if split == "seen":
+        return seen_scenes()[::3]
+    if split == "held_out":
+        return held_out_scenes()
+    raise ValueError(f"split {split!r} is not 'seen' or 'held_out'")
+
+
+@dataclass(frozen=True)
+class Score:
+    """Prompt accuracy of one setting on one prompt set."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    split: str
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def score(components: Components, split: str, sampler: str, steps: int, guidance: float,
+          seeds: tuple[int, ...] = EVAL_SEEDS) -> tuple[Score, list[Image.Image]]:
+    """Generate every prompt of `split` with every seed and count the images the detector reads right."""
+    scenes = eval_scenes(split)
+    images = sample_images(components, scenes, list(seeds), sampler, steps, guidance)
+    correct = sum(detect(image).matches(scene) for image, scene in zip(images, scenes * len(seeds)))
+    return Score(sampler, steps, guidance, split, correct, len(images)), images
+
+
+def seconds_per_image(components: Components, sampler: str, steps: int, guidance: float, repeats: int = 5) -> float:
+    """Median wall time of one 64x64 image (text encoding, sampling loop, decoding) at these settings."""
+    scene = eval_scenes("seen")[0]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample_images(components, [scene], [0], sampler, steps, guidance)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def table(scores: list[Score], rows: str) -> str:
+    """A markdown table: one row per value of `rows` ("guidance" or "sampler"), seen and held-out columns."""
+    keys = list(dict.fromkeys(getattr(s, rows) for s in scores))
+    lines = [f"| {rows} | seen | held-out |", "| --- | --- | --- |"]
+    for key in keys:
+        cells = {s.split: f"{s.accuracy:.0%} ({s.correct}/{s.total})" for s in scores if getattr(s, rows) == key}
+        lines.append(f"| {key} | {cells['seen']} | {cells['held_out']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Prompt accuracy of the toy shapes model, read from the pixels.")
+    parser.add_argument("--weights", type=Path, default=None, help="a single file; default: the bundled model")
+    parser.add_argument("--out", type=Path, default=Path("outputs/toy-eval"), help="folder for the grid PNG")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="samplers compared at the defaults")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS), help="seeds per prompt")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    components = load_components(args.weights) if args.weights else load_toy()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"defaults: sampler={args.sampler} steps={args.steps} guidance={args.guidance}; "
+          f"{len(eval_scenes('seen'))} seen and {len(eval_scenes('held_out'))} held-out prompts x seeds {args.seeds}")
+    print(f"one 64x64 image at the defaults: {seconds_per_image(components, args.sampler, args.steps, args.guidance):.2f} s")
+    by_guidance, by_sampler, grid = [], [], []
+    for guidance in sorted({*GUIDANCE_SCALES, args.guidance}):
+        for split in ("seen", "held_out"):
+            result, images = score(components, split, args.sampler, args.steps, guidance, tuple(args.seeds))
+            by_guidance.append(result)
+            if guidance == args.guidance:
+                grid += images[: len(eval_scenes(split))]
+    for sampler in args.samplers:
+        for split in ("seen", "held_out"):
+            if sampler == args.sampler:  # already measured in the guidance sweep
+                by_sampler += [r for r in by_guidance if r.guidance == args.guidance and r.split == split]
+            else:
+                by_sampler.append(score(components, split, sampler, args.steps, args.guidance, tuple(args.seeds))[0])
+    print(f"\nPrompt accuracy by guidance scale ({args.sampler}, {args.steps} steps):\n" + table(by_guidance, "guidance"))
+    print(f"\nPrompt accuracy by sampler (guidance {args.guidance}, {args.steps} steps):\n" + table(by_sampler, "sampler"))
+    path = args.out / "toy_grid.png"
+    make_grid(grid, columns=12).save(path)
+    print(f"\nwrote {path} (seed {args.seeds[0]}: 48 seen prompts, then the 24 held-out ones)")
+
+
+if __name__ == "__main__":
+    main()
