@@ -8,6 +8,7 @@ Prints, per sampler, microseconds per step for ours and diffusers' and the ratio
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import diffusers
@@ -31,11 +32,13 @@ def seconds_per_step(scheduler, steps: int, repeats: int) -> float:
     for _ in range(repeats):
         scheduler.set_timesteps(steps)
         x = latents * float(scheduler.init_noise_sigma)
-        generator = torch.Generator().manual_seed(0)
+        # diffusers' PNDM and UniPC take no generator; ours all do
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        extra = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
         start = time.perf_counter()
         for t in scheduler.timesteps:
             model_output = scheduler.scale_model_input(x, t)  # no-op model
-            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+            x = scheduler.step(model_output, t, x, **extra).prev_sample
         best = min(best, (time.perf_counter() - start) / len(scheduler.timesteps))
     return best
 

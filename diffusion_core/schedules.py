@@ -131,3 +131,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) 
     """DDPM eq. 4, the forward process in closed form: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 - ᾱ_t)·ε."""
     alpha_bar_t = expand_to(alpha_bar_t.to(x0.device, x0.dtype), x0)
     return alpha_bar_t**0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target (Salimans & Ho 2022, §4): v = sqrt(ᾱ_t)·ε - sqrt(1 - ᾱ_t)·x0."""
+    alpha_bar_t = expand_to(alpha_bar_t.to(x0.device, x0.dtype), x0)
+    return alpha_bar_t**0.5 * noise - (1 - alpha_bar_t) ** 0.5 * x0

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .. import schedules
@@ -69,6 +70,15 @@ class NoiseScheduler:
         if c.timestep_spacing not in schedules.TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing {c.timestep_spacing!r} is not one of {schedules.TIMESTEP_SPACINGS}")
 
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        """Pick the integer timesteps to visit, by `timestep_spacing` (DDPM and DDIM; the others override this)."""
+        self._check_num_steps(num_inference_steps)
+        c = self.config
+        timesteps = schedules.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps,
+                                               c.steps_offset)
+        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
+        self.num_inference_steps = num_inference_steps
+
     def _check_num_steps(self, num_inference_steps: int) -> None:
         T = self.config.num_train_timesteps
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
@@ -96,6 +106,13 @@ class NoiseScheduler:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε for each sample's timestep."""
         alpha_bar = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device)]
         return schedules.add_noise(original_samples, noise, alpha_bar)
+
+    def get_velocity(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x0 for each sample's (integer training) timestep: the target a
+        v-prediction model is trained on."""
+        alpha_bar = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device)]
+        return schedules.velocity(original_samples, noise, alpha_bar)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

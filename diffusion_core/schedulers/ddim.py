@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .. import schedules
 from ..noise import randn
 from .base import NoiseScheduler, SchedulerConfig, StepOutput, dynamic_threshold, predict_x0_and_eps
 
@@ -38,14 +36,6 @@ class DDIMScheduler(NoiseScheduler):
     def __init__(self, config: DDIMConfig | None = None, **overrides):
         super().__init__(config, **overrides)
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_num_steps(num_inference_steps)
-        c = self.config
-        timesteps = schedules.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps,
-                                               c.steps_offset)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
-        self.num_inference_steps = num_inference_steps
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              eta: float = 0.0, generator: torch.Generator | None = None) -> StepOutput:

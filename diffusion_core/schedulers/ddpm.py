@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .. import schedules
 from ..noise import randn
 from .base import NoiseScheduler, SchedulerConfig, StepOutput, dynamic_threshold, predict_x0_and_eps
 
@@ -59,14 +57,6 @@ class DDPMScheduler(NoiseScheduler):
                              f"use one of {VARIANCE_TYPES}")
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type {variance_type!r} is not one of {VARIANCE_TYPES}")
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_num_steps(num_inference_steps)
-        c = self.config
-        timesteps = schedules.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps,
-                                               c.steps_offset)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
-        self.num_inference_steps = num_inference_steps
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None) -> StepOutput:
