@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,17 @@ chunk "diffusion-core" holds the parameters as JSON (GenerationConfig.from_png r
 """
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the bundled shapes model's own tools: python -m diffusion_core.toy.train / .evaluate
+TOY_COMMANDS = {"train": "train the bundled shapes model from scratch (python -m diffusion_core.toy.train)",
+                "evaluate": "measure its prompt accuracy (python -m diffusion_core.toy.evaluate)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-core", description="Stable Diffusion from first principles: "
                                      "text-to-image, image-to-image and inpainting, equal to diffusers pixel "
                                      "for pixel.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{generate,img2img,inpaint,train,evaluate}")
     for name, help_text in (("generate", "text to image"), ("img2img", "image to image (SDEdit)"),
                             ("inpaint", "repaint the white part of a mask")):
         command = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,
@@ -57,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="how far to noise the image, in (0, 1] (default: %(default)s)")
         if name == "inpaint":
             command.add_argument("--mask", type=Path, required=True, help="white = repaint, black = keep")
+    for name, help_text in TOY_COMMANDS.items():  # their own flags: `diffusion-core train --help`
+        command = commands.add_parser(name, help=help_text, add_help=False)
+        command.add_argument("toy_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -94,7 +102,12 @@ def _add_common(command: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command in TOY_COMMANDS:  # every flag is theirs
+        importlib.import_module(f".toy.{args.command}", __package__).main(unknown + args.toy_args)
+        return 0
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -138,3 +138,15 @@ def test_without_checkpoint_the_bundled_model_is_used(capsys, monkeypatch, tmp_p
 def test_console_script_is_declared():
     scripts = importlib.metadata.entry_points(group="console_scripts")
     assert [s.value for s in scripts if s.name == "diffusion-core"] == ["diffusion_core.cli:main"]
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_toy_commands_hand_every_flag_to_their_module(monkeypatch, command):
+    import importlib
+
+    module = importlib.import_module(f"diffusion_core.toy.{command}")
+    received = []
+    monkeypatch.setattr(module, "main", received.append)
+    flags = ["--out", "somewhere", "--seed", "3", "--help"]
+    assert main([command, *flags]) == 0
+    assert received == [flags]
