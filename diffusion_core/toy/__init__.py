@@ -15,11 +15,11 @@ if TYPE_CHECKING:
     from ..checkpoints.loader import Components
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy_shapes.safetensors"  # toy_shapes.yaml lies beside it
-# The sampler, steps and guidance used when a GenerationConfig leaves them unset. Provisional: of the settings
-# measured so far (docs/toy-model.md) guidance 4 beat 7.5; re-measure with toy.evaluate once the model works.
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+# The sampler, steps and guidance used when a GenerationConfig leaves them unset: the best measured by
+# `python -m diffusion_core.toy.evaluate` within the 1 s-per-image budget (docs/toy-model.md).
+DEFAULT_SAMPLER = "euler_a"
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 2.0
 
 
 def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Components:

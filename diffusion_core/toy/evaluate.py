@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoints.loader import Components, load_components
-from ..guidance import classifier_free_guidance, is_guided
-from ..images import make_grid, tensor_to_pil
-from ..noise import randn
-from ..schedulers import make_scheduler
-from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, load_toy
+from ..images import make_grid
+from ..pipeline import DiffusionModel, GenerationConfig
+from ..schedulers import SamplerType
+from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .dataset import PALETTE, Scene, held_out_scenes, seen_scenes
 
 _PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # (8, 3)
@@ -80,39 +78,18 @@ def classify_shape(mask: np.ndarray) -> str:
     return min(_PROTOTYPES, key=lambda name: np.linalg.norm(features - np.array(_PROTOTYPES[name])))
 
 
-@torch.no_grad()
-def sample_images(components: Components, scenes: list[Scene], seeds: list[int], sampler: str, steps: int,
+def sample_images(model: DiffusionModel, scenes: list[Scene], seeds: list[int], sampler: str | None, steps: int,
                   guidance: float) -> list[Image.Image]:
-    """One image per (seed, scene), seed-major, from pure noise with classifier-free guidance (Ho & Salimans 2022).
-
-    Image i equals what the pipeline makes for the same caption and seed: its latent noise is drawn alone
-    from torch.Generator().manual_seed(seed).
-    """
-    unet, vae, config = components.unet, components.vae, components.config
-    scheduler = make_scheduler(sampler, **config.scheduler)
-    scheduler.set_timesteps(steps)
-    captions = [scene.caption for _ in seeds for scene in scenes]
-    side = config.native_size // 2 ** (len(config.vae.ch_mult) - 1)
-    noise = [randn((1, config.unet.in_channels, side, side), torch.Generator().manual_seed(s))
-             for s in seeds for _ in scenes]
-    z = torch.cat(noise) * scheduler.init_noise_sigma  # (B, 4, 16, 16)
-    cond = components.text_encoder(captions)
-    uncond = components.text_encoder([""] * len(captions))
-    generator = torch.Generator().manual_seed(seeds[0])
-    for t in scheduler.timesteps:
-        z_in = scheduler.scale_model_input(z, t)
-        if is_guided(guidance):
-            eps_uncond, eps_cond = unet(torch.cat([z_in, z_in]), t, torch.cat([uncond, cond])).chunk(2)
-            eps = classifier_free_guidance(eps_uncond, eps_cond, guidance)
-        else:
-            eps = unet(z_in, t, cond)
-        z = scheduler.step(eps, t, z, generator=generator).prev_sample
-    return tensor_to_pil(vae.decode(z / vae.scaling_factor))
+    """One image per (seed, scene), seed-major, made by the pipeline itself in one batch: what
+    `model.generate(GenerationConfig(scene.caption, seed=seed, ...))` makes, image for image."""
+    configs = [GenerationConfig(scene.caption, seed=seed, sampler=sampler, num_inference_steps=steps,
+                                guidance_scale=guidance) for seed in seeds for scene in scenes]
+    return [result.image for result in model.generate_batch(configs, progress=False)]
 
 
 EVAL_SEEDS = (0, 1)  # every prompt is drawn with each of these seeds
 GUIDANCE_SCALES = (1.0, 2.0, 4.0, 7.5)
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a")
+SAMPLERS = tuple(s.value for s in SamplerType)
 
 
 def eval_scenes(split: str) -> list[Scene]:
@@ -140,22 +117,22 @@ class Score:
         return self.correct / self.total
 
 
-def score(components: Components, split: str, sampler: str, steps: int, guidance: float,
+def score(model: DiffusionModel, split: str, sampler: str, steps: int, guidance: float,
           seeds: tuple[int, ...] = EVAL_SEEDS) -> tuple[Score, list[Image.Image]]:
     """Generate every prompt of `split` with every seed and count the images the detector reads right."""
     scenes = eval_scenes(split)
-    images = sample_images(components, scenes, list(seeds), sampler, steps, guidance)
+    images = sample_images(model, scenes, list(seeds), sampler, steps, guidance)
     correct = sum(detect(image).matches(scene) for image, scene in zip(images, scenes * len(seeds)))
     return Score(sampler, steps, guidance, split, correct, len(images)), images
 
 
-def seconds_per_image(components: Components, sampler: str, steps: int, guidance: float, repeats: int = 5) -> float:
+def seconds_per_image(model: DiffusionModel, sampler: str, steps: int, guidance: float, repeats: int = 5) -> float:
     """Median wall time of one 64x64 image (text encoding, sampling loop, decoding) at these settings."""
     scene = eval_scenes("seen")[0]
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sample_images(components, [scene], [0], sampler, steps, guidance)
+        sample_images(model, [scene], [0], sampler, steps, guidance)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -183,15 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    components = load_components(args.weights) if args.weights else load_toy()
+    model = DiffusionModel.from_pretrained(args.weights) if args.weights else DiffusionModel()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"defaults: sampler={args.sampler} steps={args.steps} guidance={args.guidance}; "
           f"{len(eval_scenes('seen'))} seen and {len(eval_scenes('held_out'))} held-out prompts x seeds {args.seeds}")
-    print(f"one 64x64 image at the defaults: {seconds_per_image(components, args.sampler, args.steps, args.guidance):.2f} s")
+    print(f"one 64x64 image at the defaults: {seconds_per_image(model, args.sampler, args.steps, args.guidance):.2f} s")
     by_guidance, by_sampler, grid = [], [], []
     for guidance in sorted({*GUIDANCE_SCALES, args.guidance}):
         for split in ("seen", "held_out"):
-            result, images = score(components, split, args.sampler, args.steps, guidance, tuple(args.seeds))
+            result, images = score(model, split, args.sampler, args.steps, guidance, tuple(args.seeds))
             by_guidance.append(result)
             if guidance == args.guidance:
                 grid += images[: len(eval_scenes(split))]
@@ -200,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             if sampler == args.sampler:  # already measured in the guidance sweep
                 by_sampler += [r for r in by_guidance if r.guidance == args.guidance and r.split == split]
             else:
-                by_sampler.append(score(components, split, sampler, args.steps, args.guidance, tuple(args.seeds))[0])
+                by_sampler.append(score(model, split, sampler, args.steps, args.guidance, tuple(args.seeds))[0])
     print(f"\nPrompt accuracy by guidance scale ({args.sampler}, {args.steps} steps):\n" + table(by_guidance, "guidance"))
     print(f"\nPrompt accuracy by sampler (guidance {args.guidance}, {args.steps} steps):\n" + table(by_sampler, "sampler"))
     path = args.out / "toy_grid.png"

@@ -28,15 +28,18 @@ from ..images import make_grid, tensor_to_pil
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import VAE, VAEConfig
+from ..pipeline import DiffusionModel
 from ..schedulers import make_scheduler
 from .dataset import make_batch, parse_caption, seen_scenes
 from .evaluate import sample_images
 
 # The toy architecture: SD's family at a size a CPU trains in minutes. Widths are multiples of 32 because
 # LDM's GroupNorm has 32 groups, and the text width is 64 so that heads = width / 64 = 1 as every CLIP states.
+# The UNet is at least 64 wide everywhere: at 32 channels each GroupNorm group is one channel, which erases
+# the per-channel timestep shift a ResBlock adds (notebook 03 shows it).
 TOY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 64x64x3 <-> 16x16x4
 TOY_TEXT = TextEncoderConfig(width=64, layers=2, heads=1)  # SD1-style: QuickGELU, last layer, pads with EOS
-TOY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+TOY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1,
                       attention_resolutions=(2, 4), context_dim=TOY_TEXT.width, num_heads=4)
 PREVIEW_CAPTIONS = ("a red circle on a blue background", "a yellow square on a purple background",
                     "a white triangle on a green background", "a blue circle on a orange background",
@@ -58,17 +61,22 @@ class TrainConfig:
     decoder_batch: int = 8         # whole images per decoder step
     decoder_lr: float = 1e-3       # peak learning rate of the decoder stage, cosine-decayed to 0
     pool_size: int = 8192          # images encoded once for stage 2 (about 57 per seen scene)
-    unet_steps: int = 1800         # UNet + text-encoder optimiser steps
+    unet_steps: int = 9000         # UNet + text-encoder optimiser steps
     unet_batch: int = 32           # latents per UNet step
     unet_lr: float = 1e-3          # peak AdamW learning rate, after warmup, cosine-decayed to 10%
     warmup_steps: int = 100        # linear warmup of the UNet learning rate
     caption_dropout: float = 0.1   # share of captions replaced by "" (the unconditional prompt of CFG)
-    offset_noise: float = 0.1      # std of a per-channel constant added to ε: lets the model change flat colours
+    offset_noise: float = 0.5      # std of a per-channel constant added to ε: lets the model change flat colours
+    prediction_type: str = "v_prediction"  # the UNet's target: "v_prediction" (as SD 2-768-v) or "epsilon"
     ema_decay: float = 0.999       # the exported UNet and text encoder are exponential moving averages
-    preview_every: int = 500       # steps between sample grids
-    checkpoint_every: int = 250    # steps between resumable checkpoints
+    preview_every: int = 1000      # steps between sample grids
+    checkpoint_every: int = 500    # steps between resumable checkpoints
     threads: int = 0               # torch CPU threads; 0 keeps torch's default (1 is faster on a shared CPU)
-    scheduler: dict = field(default_factory=sd_scheduler_config)  # SD's scaled_linear training schedule
+
+    @property
+    def scheduler(self) -> dict:
+        """SD's scaled_linear training schedule, with this recipe's prediction type."""
+        return sd_scheduler_config(self.prediction_type)
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -96,7 +104,9 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
 
 def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor, captions: list[str],
                    scheduler, c: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """DDPM's simple loss on ε (Ho et al. 2020, eq. 14), captions dropped to "" at rate c.caption_dropout."""
+    """DDPM's simple loss (Ho et al. 2020, eq. 14) on ε, or on v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·z0 (Salimans & Ho 2022),
+    which weights the high-noise steps, where the colours are decided, like a loss on z0 itself.
+    Captions are dropped to "" at rate c.caption_dropout."""
     b = z0.shape[0]
     drop = torch.rand(b, generator=generator) < c.caption_dropout
     captions = ["" if d else caption for d, caption in zip(drop.tolist(), captions)]
@@ -105,7 +115,8 @@ def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor,
     eps = torch.randn(z0.shape, generator=generator) + c.offset_noise * torch.randn(b, z0.shape[1], 1, 1,
                                                                                       generator=generator)
     z_t = scheduler.add_noise(z0, eps, t)
-    return F.mse_loss(unet(z_t, t, text_encoder(captions)), eps)
+    target = eps if c.prediction_type == "epsilon" else scheduler.get_velocity(z0, eps, t)
+    return F.mse_loss(unet(z_t, t, text_encoder(captions)), target)
 
 
 @torch.no_grad()
@@ -128,14 +139,14 @@ def encode_pool(vae: VAE, c: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, l
 
 
 def build_components(unet: UNetModel, vae: VAE, text_encoder: TextEncoder, c: TrainConfig) -> Components:
-    config = ModelConfig("toy-shapes", unet.config, vae.config, text_encoder.config, native_size=64,
-                         scheduler=c.scheduler)
+    config = ModelConfig("toy-shapes", unet.config, vae.config, text_encoder.config, c.prediction_type,
+                         native_size=64, scheduler=c.scheduler)
     return Components(unet, vae, text_encoder, make_scheduler(config.scheduler_name, **config.scheduler), config)
 
 
 def save_preview(components: Components, path: Path) -> None:
-    images = sample_images(components, [parse_caption(p) for p in PREVIEW_CAPTIONS], seeds=[0], sampler="ddim",
-                           steps=20, guidance=4.0)
+    images = sample_images(DiffusionModel(components), [parse_caption(p) for p in PREVIEW_CAPTIONS], seeds=[0],
+                           sampler="ddim", steps=20, guidance=4.0)
     make_grid(images, columns=len(PREVIEW_CAPTIONS)).save(path)
 
 
@@ -160,12 +171,14 @@ def plot_losses(log: list[tuple[str, int, float, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None = None) -> Path:
+def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None = None,
+          pretrained_vae: VAE | None = None) -> Path:
     """Run both stages, writing checkpoints, previews and a loss log under `out`; returns the exported file.
 
     Args:
         resume: continue from `out/checkpoint.pt` (same data, same noise as an uninterrupted run).
         minutes: stop (after checkpointing) when this much wall time has passed; run again with resume.
+        pretrained_vae: an autoencoder trained already (e.g. the bundled model's): stage 1 is skipped.
     """
     out.mkdir(parents=True, exist_ok=True)
     if c.threads:
@@ -181,6 +194,9 @@ def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None
     decoder_params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     decoder_opt = torch.optim.AdamW(decoder_params, lr=c.decoder_lr, weight_decay=0.0)
     state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "scaling_factor": None, "log": []}
+    if pretrained_vae is not None:
+        vae.load_state_dict(pretrained_vae.state_dict())
+        state.update(vae_step=c.vae_steps, decoder_step=c.decoder_steps, scaling_factor=pretrained_vae.scaling_factor)
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
@@ -293,10 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop and checkpoint after this wall time")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float, str)):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
-    config = replace(defaults, **{k: getattr(args, k) for k, v in asdict(defaults).items() if isinstance(v, (int, float))})
+    config = replace(defaults, **{k: getattr(args, k) for k, v in asdict(defaults).items()
+                                  if isinstance(v, (int, float, str))})
     train(config, args.out, resume=args.resume, minutes=args.minutes)
 
 
