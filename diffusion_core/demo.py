@@ -1,4 +1,4 @@
-"""`make demo`: pictures of the forward process and of the noise schedules, from the real scheduler code."""
+"""`make demo`: pictures from the bundled shapes model, of the forward process and of the noise schedules."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +13,23 @@ from PIL import Image  # noqa: E402
 
 from . import schedules  # noqa: E402
 from .images import make_grid, pil_to_tensor, tensor_to_pil  # noqa: E402
+from .pipeline import DiffusionModel, GenerationConfig  # noqa: E402
 from .schedulers import make_scheduler  # noqa: E402
 
 OUT = Path("outputs/demo")
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 TIMESTEPS = (0, 50, 100, 200, 400, 600, 800, 999)
+PROMPTS = ("a red circle on a blue background", "a yellow triangle on a purple background",
+           "a white square on a green background", "a blue circle on a orange background",
+           "a green square on a black background", "a orange triangle on a white background",
+           "a purple circle on a yellow background", "a black circle on a red background")
+
+
+def shapes_grid(path: Path) -> None:
+    """Eight prompts, two seeds each, from the bundled text-to-image model (one batch, a few seconds on a CPU)."""
+    configs = [GenerationConfig(prompt, seed=seed) for seed in (0, 1) for prompt in PROMPTS]
+    images = [result.image for result in DiffusionModel().generate_batch(configs, progress=False)]
+    make_grid(images, columns=len(PROMPTS)).save(path)
 
 
 def forward_noising(path: Path) -> None:
@@ -54,7 +66,8 @@ def schedule_plot(path: Path) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, draw in [("forward_noising.png", forward_noising), ("schedules.png", schedule_plot)]:
+    for name, draw in [("shapes.png", shapes_grid), ("forward_noising.png", forward_noising),
+                       ("schedules.png", schedule_plot)]:
         draw(OUT / name)
         print(f"wrote {OUT / name}")
 
