@@ -109,11 +109,10 @@ class EulerScheduler(NoiseScheduler):
              generator: torch.Generator | None = None) -> StepOutput:
         self._require_timesteps()
         i = self.index_for_timestep(timestep)
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])  # scalar maths in Python: cheaper
         x = sample.to(torch.float32)
 
         # Karras Alg. 2 lines 4-6: γ = min(S_churn/N, √2-1) if S_tmin ≤ σ ≤ S_tmax, σ̂ = (1+γ)σ, x̂ = x + sqrt(σ̂²-σ²)·ε
-        # (σ stays a float32 tensor in the range test, as in diffusers; the test is skipped when there is no churn)
         in_range = s_churn != 0 and s_tmin <= sigma <= s_tmax
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if in_range else 0.0
         sigma_hat = sigma * (gamma + 1)

@@ -54,7 +54,7 @@ class EulerAncestralScheduler(EulerScheduler):
              generator: torch.Generator | None = None) -> StepOutput:
         self._require_timesteps()
         i = self.index_for_timestep(timestep)
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])  # scalar maths in Python: cheaper
         x = sample.to(torch.float32)
         pred_x0 = predict_x0(model_output, x, sigma, self.config.prediction_type)
         # drawn at every step, the last (σ_up = 0) included, so a seeded generator advances as diffusers' does

@@ -80,6 +80,7 @@ class PNDMScheduler(NoiseScheduler):
             plms = ascending[:n - m + 1][::-1]
         timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
         self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._timestep_list = timesteps.tolist()  # for _advance, without a device round trip per step
         self.num_inference_steps = n
         self._reset()
 
@@ -94,15 +95,16 @@ class PNDMScheduler(NoiseScheduler):
         else:
             x, eps, t, prev_t = self._plms(model_output, t, sample)
         self.counter += 1
-        alpha_bar_t = self.alphas_cumprod[t]
-        alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        # Python floats: the coefficient arithmetic then costs nothing next to the two tensor operations
+        alpha_bar_t = float(self.alphas_cumprod[t])
+        alpha_bar_prev = float(self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod)
         # diffusers combines raw model outputs, then converts v → ε with the x_t being moved: so do we.
         pred_x0, eps = predict_x0_and_eps(eps, x, alpha_bar_t, self.config.prediction_type)
         return StepOutput(pndm_transfer(x, eps, alpha_bar_t, alpha_bar_prev), pred_x0)
 
     def _advance(self, t: int) -> None:
         """Check t is the timestep that follows the previous step (timesteps repeat, so track all candidates)."""
-        positions = {int(i) for i in (self.timesteps == t).nonzero().flatten()}
+        positions = {i for i, s in enumerate(self._timestep_list) if s == t}
         if self._next_indices is None:  # first step after set_timesteps: any position (image-to-image)
             if not positions:
                 raise ValueError(f"timestep {t} is not in this scheduler's timesteps; "
