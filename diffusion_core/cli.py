@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-core", description="Stable Diffusion from first principles: "
                                      "text-to-image, image-to-image and inpainting, equal to diffusers pixel "
                                      "for pixel.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{generate,img2img,inpaint,train,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "text to image"), ("img2img", "image to image (SDEdit)"),
                             ("inpaint", "repaint the white part of a mask")):
         command = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,

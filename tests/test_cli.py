@@ -142,8 +142,6 @@ def test_console_script_is_declared():
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 def test_toy_commands_hand_every_flag_to_their_module(monkeypatch, command):
-    import importlib
-
     module = importlib.import_module(f"diffusion_core.toy.{command}")
     received = []
     monkeypatch.setattr(module, "main", received.append)

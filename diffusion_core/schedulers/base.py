@@ -104,15 +104,17 @@ class NoiseScheduler:
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε for each sample's timestep."""
-        alpha_bar = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device)]
-        return schedules.add_noise(original_samples, noise, alpha_bar)
+        return schedules.add_noise(original_samples, noise, self._alpha_bar_at(timesteps, original_samples.device))
 
     def get_velocity(self, original_samples: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x0 for each sample's (integer training) timestep: the target a
         v-prediction model is trained on."""
-        alpha_bar = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device)]
-        return schedules.velocity(original_samples, noise, alpha_bar)
+        return schedules.velocity(original_samples, noise, self._alpha_bar_at(timesteps, original_samples.device))
+
+    def _alpha_bar_at(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """ᾱ_t for each (integer training) timestep, on `device`."""
+        return self.alphas_cumprod.to(device)[timesteps.to(device)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

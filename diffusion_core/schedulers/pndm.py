@@ -115,7 +115,7 @@ class PNDMScheduler(NoiseScheduler):
         else:
             positions &= self._next_indices
             if not positions:
-                expected = sorted({int(self.timesteps[i]) for i in self._next_indices if i < len(self.timesteps)})
+                expected = sorted({self._timestep_list[i] for i in self._next_indices if i < len(self._timestep_list)})
                 raise ValueError(f"PNDM got timestep {t} but expected {expected or 'none (sampling is done)'}; "
                                  "it keeps a history of model outputs: call set_timesteps() to restart")
         self._next_indices = {i + 1 for i in positions}

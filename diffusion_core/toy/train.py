@@ -4,10 +4,11 @@
     python -m diffusion_core.toy.train --out outputs/toy-train --resume   # carry on after an interruption
 
 Stage 1 fits a small KL autoencoder (Rombach et al. 2022, §3.1) to 64x64 shapes images, giving 16x16x4
-latents. Stage 2 encodes a fixed pool of images once, then trains ε_θ(z_t, t, c) with the DDPM loss
-‖ε - ε_θ(√ᾱ_t·z_0 + √(1-ᾱ_t)·ε, t, c)‖² (Ho et al. 2020, eq. 14), where c comes from a small CLIP-style
-text encoder trained alongside; 10% of captions are replaced by "" so that the same network also learns
-the unconditional prediction classifier-free guidance needs (Ho & Salimans 2022, §3.2).
+latents. Stage 2 encodes a fixed pool of images once, then trains v_θ(z_t, t, c) with the DDPM loss
+‖v - v_θ(z_t, t, c)‖², z_t = √ᾱ_t·z_0 + √(1-ᾱ_t)·ε, on the v target v = √ᾱ_t·ε - √(1-ᾱ_t)·z_0 (Ho et al.
+2020, eq. 14; Salimans & Ho 2022; `--prediction-type epsilon` trains on ε instead), where c comes from a
+small CLIP-style text encoder trained alongside; 10% of captions are replaced by "" so that the same network
+also learns the unconditional prediction classifier-free guidance needs (Ho & Salimans 2022, §3.2).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import argparse
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from ..checkpoints.configs import ModelConfig, sd_scheduler_config
 from ..checkpoints.loader import Components, save_single_file
-from ..images import make_grid, tensor_to_pil
+from ..images import make_grid
 from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import VAE, VAEConfig
@@ -105,7 +107,7 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
 def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor, captions: list[str],
                    scheduler, c: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """DDPM's simple loss (Ho et al. 2020, eq. 14) on ε, or on v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·z0 (Salimans & Ho 2022),
-    which weights the high-noise steps, where the colours are decided, like a loss on z0 itself.
+    which weights the high-noise steps, where colours and shape are decided, like a loss on z0 itself.
     Captions are dropped to "" at rate c.caption_dropout."""
     b = z0.shape[0]
     drop = torch.rand(b, generator=generator) < c.caption_dropout
@@ -171,9 +173,59 @@ def plot_losses(log: list[tuple[str, int, float, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def vae_step(vae: VAE, opt: torch.optim.Optimizer, c: TrainConfig, step: int) -> float:
+    """Stage 1: the autoencoder on random crops of fresh images."""
+    generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+    images, _ = make_batch(seen_scenes(), c.seed, step, c.vae_batch)
+    loss = vae_loss(vae, random_crops(images, c.vae_crop, generator), c.kl_weight, generator)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def decoder_step(vae: VAE, opt: torch.optim.Optimizer, c: TrainConfig, step: int) -> float:
+    """Stage 1b: the decoder alone on whole 64x64 images (as SD's ft-MSE VAE was made); the encoder, hence
+    the latents the UNet learns, stay as they are, and the decoder sees the image border crops never showed."""
+    generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 250_000 + step)
+    images, _ = make_batch(seen_scenes(), c.seed + 2, step, c.decoder_batch)
+    with torch.no_grad():
+        z = vae.encode(images).sample(generator)
+    reconstruction = vae.decode(z)
+    loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+    for group in opt.param_groups:
+        group["lr"] = c.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / c.decoder_steps))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def unet_step(unet: UNetModel, text_encoder: TextEncoder, ema: tuple[UNetModel, TextEncoder],
+              opt: torch.optim.Optimizer, pool: tuple[torch.Tensor, torch.Tensor, list[str]], scaling_factor: float,
+              scheduler, c: TrainConfig, step: int) -> float:
+    """Stage 2: one diffusion-loss step on latents z ~ q(z|x) of the pool, scaled to unit variance, then EMA."""
+    means, stds, captions = pool
+    generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 500_000 + step)
+    picks = torch.randint(0, len(captions), (c.unet_batch,), generator=generator)
+    z0 = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scaling_factor
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, c)
+    loss = diffusion_loss(unet, text_encoder, z0, [captions[i] for i in picks.tolist()], scheduler, c, generator)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
+    opt.step()
+    decay = min(c.ema_decay, (1 + step) / (10 + step))
+    ema_update(ema[0], unet, decay)
+    ema_update(ema[1], text_encoder, decay)
+    return loss.item()
+
+
 def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None = None,
           pretrained_vae: VAE | None = None) -> Path:
-    """Run both stages, writing checkpoints, previews and a loss log under `out`; returns the exported file.
+    """Run both stages, writing checkpoints, previews and a loss log under `out`; returns the exported file
+    (or the checkpoint, when `minutes` ran out first).
 
     Args:
         resume: continue from `out/checkpoint.pt` (same data, same noise as an uninterrupted run).
@@ -189,10 +241,11 @@ def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None
     vae, unet, text_encoder = VAE(TOY_VAE), UNetModel(TOY_UNET), TextEncoder(TOY_TEXT)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr, weight_decay=0.0)
-    unet_params = list(unet.parameters()) + list(text_encoder.parameters())
-    unet_opt = torch.optim.AdamW(unet_params, lr=c.unet_lr, weight_decay=0.0)
-    decoder_params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    decoder_opt = torch.optim.AdamW(decoder_params, lr=c.decoder_lr, weight_decay=0.0)
+    unet_opt = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=c.unet_lr, weight_decay=0.0)
+    decoder_opt = torch.optim.AdamW([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], lr=c.decoder_lr,
+                                    weight_decay=0.0)
+    saved_modules = {"vae": vae, "unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
+                     "vae_opt": vae_opt, "decoder_opt": decoder_opt, "unet_opt": unet_opt}
     state = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "scaling_factor": None, "log": []}
     if pretrained_vae is not None:
         vae.load_state_dict(pretrained_vae.state_dict())
@@ -200,100 +253,59 @@ def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=False)
-        for module, key in [(vae, "vae"), (unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"),
-                            (ema_text, "ema_text"), (vae_opt, "vae_opt"), (decoder_opt, "decoder_opt"),
-                            (unet_opt, "unet_opt")]:
+        for key, module in saved_modules.items():
             module.load_state_dict(saved[key])
         state = saved["state"]
         start -= state.get("elapsed", 0.0)
 
     def save_checkpoint() -> None:
         state["elapsed"] = time.time() - start
-        torch.save({"vae": vae.state_dict(), "unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                    "vae_opt": vae_opt.state_dict(), "decoder_opt": decoder_opt.state_dict(), "unet_opt": unet_opt.state_dict(), "state": state,
+        torch.save({**{key: module.state_dict() for key, module in saved_modules.items()}, "state": state,
                     "config": asdict(c)}, checkpoint)
 
-    # Stage 1: the autoencoder.
-    scenes = seen_scenes()
-    bar = tqdm(range(state["vae_step"], c.vae_steps), desc="VAE", initial=state["vae_step"], total=c.vae_steps)
-    for step in bar:
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
-        images, _ = make_batch(scenes, c.seed, step, c.vae_batch)
-        loss = vae_loss(vae, random_crops(images, c.vae_crop, generator), c.kl_weight, generator)
-        vae_opt.zero_grad()
-        loss.backward()
-        vae_opt.step()
-        state["vae_step"] = step + 1
-        state["log"].append(("vae", step, loss.item(), time.time() - start))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % c.checkpoint_every == 0 or time.time() > deadline:
-            save_checkpoint()
-        if time.time() > deadline:
-            return checkpoint
+    def run_stage(stage: str, label: str, total: int, one_step: Callable[[int], float],
+                  after_step: Callable[[int], None] = lambda step: None) -> bool:
+        """Steps state[stage_step] .. total with a progress bar, the loss log and checkpoints; False when the
+        wall-time budget ran out (after checkpointing)."""
+        key = f"{stage}_step"
+        bar = tqdm(range(state[key], total), desc=label, initial=state[key], total=total)
+        for step in bar:
+            loss = one_step(step)
+            state[key] = step + 1
+            state["log"].append((stage, step, loss, time.time() - start))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            after_step(step)
+            if (step + 1) % c.checkpoint_every == 0 or time.time() > deadline:
+                save_checkpoint()
+            if time.time() > deadline:
+                return False
+        return True
 
-    # Stage 1b: the decoder alone on whole 64x64 images (as SD's ft-MSE VAE was made): the encoder, hence
-    # the latents the UNet learns, stay as they are; crops never showed the decoder the image's own border.
+    if not run_stage("vae", "VAE", c.vae_steps, lambda step: vae_step(vae, vae_opt, c, step)):
+        return checkpoint
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
-    bar = tqdm(range(state["decoder_step"], c.decoder_steps), desc="decoder", initial=state["decoder_step"],
-               total=c.decoder_steps)
-    for step in bar:
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 250_000 + step)
-        images, _ = make_batch(scenes, c.seed + 2, step, c.decoder_batch)
-        with torch.no_grad():
-            z = vae.encode(images).sample(generator)
-        reconstruction = vae.decode(z)
-        loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
-        for group in decoder_opt.param_groups:
-            group["lr"] = c.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / c.decoder_steps))
-        decoder_opt.zero_grad()
-        loss.backward()
-        decoder_opt.step()
-        state["decoder_step"] = step + 1
-        state["log"].append(("decoder", step, loss.item(), time.time() - start))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % c.checkpoint_every == 0 or time.time() > deadline:
-            save_checkpoint()
-        if time.time() > deadline:
-            return checkpoint
+    if not run_stage("decoder", "decoder", c.decoder_steps, lambda step: decoder_step(vae, decoder_opt, c, step)):
+        return checkpoint
     vae.requires_grad_(False).eval()
 
-    # Stage 2: latents once, then the UNet and text encoder.
-    if state["unet_step"] < c.unet_steps:
-        means, stds, captions = encode_pool(vae, c)
-    if state["scaling_factor"] is None:  # latents x this have unit variance, as SD's 0.18215 does for SD's VAE
-        state["scaling_factor"] = 1.0 / means.std().item()
+    # Stage 2: latents once; latents x scaling_factor have unit variance, as SD's 0.18215 does for SD's VAE.
+    pool = encode_pool(vae, c) if state["unet_step"] < c.unet_steps else None
+    if state["scaling_factor"] is None:
+        state["scaling_factor"] = 1.0 / pool[0].std().item()
     trained_vae, vae = vae, VAE(replace(TOY_VAE, scaling_factor=state["scaling_factor"]))
     vae.load_state_dict(trained_vae.state_dict())
     vae.requires_grad_(False).eval()
     scheduler = make_scheduler("ddpm", **c.scheduler)
-    bar = tqdm(range(state["unet_step"], c.unet_steps), desc="UNet", initial=state["unet_step"], total=c.unet_steps)
-    for step in bar:
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 500_000 + step)
-        picks = torch.randint(0, len(captions), (c.unet_batch,), generator=generator)
-        z0 = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator))
-        z0 = z0 * state["scaling_factor"]
-        for group in unet_opt.param_groups:
-            group["lr"] = lr_at(step, c)
-        loss = diffusion_loss(unet, text_encoder, z0, [captions[i] for i in picks.tolist()], scheduler, c,
-                              generator)
-        unet_opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
-        unet_opt.step()
-        decay = min(c.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_text, text_encoder, decay)
-        state["unet_step"] = step + 1
-        state["log"].append(("unet", step, loss.item(), time.time() - start))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def preview(step: int) -> None:
         if (step + 1) % c.preview_every == 0:
             save_preview(build_components(ema_unet, vae, ema_text, c), out / f"preview_{step + 1:05d}.png")
-        if (step + 1) % c.checkpoint_every == 0 or time.time() > deadline:
-            save_checkpoint()
-        if time.time() > deadline:
-            return checkpoint
+
+    if not run_stage("unet", "UNet", c.unet_steps, lambda step: unet_step(
+            unet, text_encoder, (ema_unet, ema_text), unet_opt, pool, state["scaling_factor"], scheduler, c, step),
+            after_step=preview):
+        return checkpoint
     save_checkpoint()
     exported = out / "toy_shapes.safetensors"
     save_single_file(build_components(ema_unet, vae, ema_text, c), exported, dtype=torch.float16)
@@ -307,13 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/toy-train"), help="folder for all outputs")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--minutes", type=float, default=None, help="stop and checkpoint after this wall time")
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        if isinstance(value, (int, float, str)):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    defaults = asdict(TrainConfig())
+    for name, value in defaults.items():  # every field is a number or a string
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
-    config = replace(defaults, **{k: getattr(args, k) for k, v in asdict(defaults).items()
-                                  if isinstance(v, (int, float, str))})
+    config = TrainConfig(**{name: getattr(args, name) for name in defaults})
     train(config, args.out, resume=args.resume, minutes=args.minutes)
 
 
