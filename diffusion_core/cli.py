@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .pipeline import QUALITY_PRESETS, DiffusionModel, GeneratedImage, GenerationConfig, read_png_parameters
+from .generation import GeneratedImage, GenerationConfig, read_png_parameters
+from .pipeline import QUALITY_PRESETS, DiffusionModel
 from .schedulers import SamplerType
 
 EXAMPLES = """\
@@ -35,6 +36,15 @@ examples:
   # inpainting: repaint where the mask is white
   diffusion-core inpaint "a vase of tulips" --image room.png --mask mask.png --checkpoint sd15-inpainting.ckpt
 
+  # SDXL with its refiner taking over for the last 20% of the steps, a second prompt for OpenCLIP bigG,
+  # and the micro-conditioning of an "original" 2048x1536 image, uncropped
+  diffusion-core generate "a lighthouse at dusk" --prompt-2 "oil painting, thick brush strokes" \
+      --checkpoint sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --refiner-switch-at 0.8 \
+      --original-size 2048 1536 --crop 0 0 --device cuda
+
+  # SDXL-Turbo (or SD-Turbo): Euler ancestral on trailing timesteps, 1 step, no guidance, 512x512
+  diffusion-core generate "a cinematic photo of a fox" --checkpoint sd_xl_turbo_1.0_fp16.safetensors --turbo
+
 Images are never overwritten: each goes to the first free name <out>/<number>-<seed>.png, and its PNG text
 chunk "diffusion-core" holds the parameters as JSON (GenerationConfig.from_png reads it back).
 """
@@ -54,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("inpaint", "repaint the white part of a mask")):
         command = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_common(command)
+        _add_common(command, name)
         if name != "generate":
             command.add_argument("--image", type=Path, required=True, help="the input image")
-            command.add_argument("--strength", type=float, default=0.75 if name == "img2img" else 1.0,
-                                 help="how far to noise the image, in (0, 1] (default: %(default)s)")
+            command.add_argument("--strength", type=float, help="how far to noise the image, in (0, 1] (default: "
+                                 "diffusers' for the model: img2img 0.75, SDXL 0.3; inpaint 1.0, SDXL 0.9999)")
         if name == "inpaint":
             command.add_argument("--mask", type=Path, required=True, help="white = repaint, black = keep")
     for name, help_text in TOY_COMMANDS.items():  # their own flags: `diffusion-core train --help`
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_common(command: argparse.ArgumentParser) -> None:
+def _add_common(command: argparse.ArgumentParser, name: str) -> None:
     """Flags shared by the three commands; generation flags default to None = the model's (or --from's) value."""
     command.add_argument("prompt", nargs="?", help="what the image should show")
     model = command.add_argument_group("model")
@@ -78,6 +88,22 @@ def _add_common(command: argparse.ArgumentParser) -> None:
                        help="override what the UNet predicts (SD 2.x files cannot always tell)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on cuda, float32 elsewhere")
+    model.add_argument("--turbo", action="store_true", help="an SD-Turbo / SDXL-Turbo checkpoint: Euler ancestral, "
+                       "trailing timesteps, 1 step, guidance 0, 512 px")
+    sdxl = command.add_argument_group("SDXL")
+    sdxl.add_argument("--prompt-2", help="the prompt for the second text encoder, OpenCLIP bigG (default: the prompt)")
+    sdxl.add_argument("--negative-2", help="the negative prompt for bigG (default: the negative prompt)")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"),
+                      help="micro-conditioning: the size of the 'original' image (default: the output size)")
+    sdxl.add_argument("--crop", type=int, nargs=2, metavar=("X", "Y"),
+                      help="micro-conditioning: the crop's left and top (default: 0 0, uncropped)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"), help="micro-conditioning: the size "
+                      "the image is meant for (default: the output size)")
+    sdxl.add_argument("--aesthetic-score", type=float, help="the refiner's aesthetic score (default: 6.0)")
+    if name == "generate":  # the ensemble of experts starts from noise
+        sdxl.add_argument("--refiner", type=Path, help="an SDXL refiner that takes over the last steps")
+        sdxl.add_argument("--refiner-switch-at", type=float, help="the share of the schedule the base denoises "
+                          "(default: 0.8)")
     sampling = command.add_argument_group("sampling")
     sampling.add_argument("--from", dest="from_png", type=Path, metavar="PNG",
                           help="start from the parameters stored in a PNG this tool wrote")
@@ -117,11 +143,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise ValueError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
     images = _open_images(args)  # before loading the model: a wrong path fails fast
+    refined = _refiner_settings(args)  # from the flags, or the PNG of --from
     model = _load_model(args)
+    refiner = _load_model(args, refined[0]) if refined else None
     base = _base_config(args, model)
     configs = [GenerationConfig.from_dict({**base.to_dict(), "seed": base.seed + i}) for i in range(args.n)]
     args.out.mkdir(parents=True, exist_ok=True)
-    for result in _generate(model, args, configs, images):
+    for result in _generate(model, args, configs, images, refiner, refined[1] if refined else None):
         path = save_without_overwriting(result, args.out)
         print(f"{path}  (seed {result.seed}, {result.generation_time:.1f} s)")
     return 0
@@ -138,15 +166,33 @@ def _open_images(args: argparse.Namespace) -> dict[str, Image.Image]:
     return images
 
 
-def _load_model(args: argparse.Namespace) -> DiffusionModel:
+def _load_model(args: argparse.Namespace, checkpoint: Path | None = None) -> DiffusionModel:
+    """--checkpoint (or the bundled model), or, given `checkpoint`, the refiner, on the same device and dtype."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if checkpoint is not None:
+        return DiffusionModel.from_pretrained(checkpoint, device=device, dtype=dtype)
     if args.checkpoint is None:
-        if args.config is not None or args.prediction_type is not None:
-            raise ValueError("--config and --prediction-type apply to --checkpoint")
+        if args.config is not None or args.prediction_type is not None or args.turbo:
+            raise ValueError("--config, --prediction-type and --turbo apply to --checkpoint")
         return DiffusionModel(device=device, dtype=dtype)
     return DiffusionModel.from_pretrained(args.checkpoint, original_config=args.config, device=device, dtype=dtype,
-                                          prediction_type=args.prediction_type)
+                                          prediction_type=args.prediction_type, turbo=args.turbo)
+
+
+def _refiner_settings(args: argparse.Namespace) -> tuple[Path, float] | None:
+    """(refiner file, switch) from --refiner / --refiner-switch-at; --from's PNG names the refiner it used."""
+    refiner, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
+    recorded = read_png_parameters(args.from_png) if args.from_png else {}
+    if recorded.get("refiner") and refiner is None:
+        raise ValueError(f"{args.from_png} was refined by {recorded['refiner']!r}: pass --refiner FILE to redo it")
+    if refiner is None:
+        if switch_at is not None:
+            raise ValueError("--refiner-switch-at needs --refiner")
+        return None
+    if not refiner.exists():
+        raise FileNotFoundError(f"--refiner {refiner}: no such file or folder")
+    return refiner, switch_at if switch_at is not None else recorded.get("refiner_switch_at") or 0.8
 
 
 def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationConfig:
@@ -155,9 +201,13 @@ def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationC
     if args.quality:
         preset = model.get_optimal_config(args.quality, "")
         values.update(sampler=preset.sampler, num_inference_steps=preset.num_inference_steps)
+    flip = lambda pair: None if pair is None else (pair[1], pair[0])  # noqa: E731  the CLI's W H / X Y -> (h, w) / (top, left)
     flags = {"prompt": args.prompt, "negative_prompt": args.negative, "num_inference_steps": args.steps,
              "guidance_scale": args.cfg, "guidance_rescale": args.rescale, "seed": args.seed,
-             "sampler": args.sampler, "width": args.width, "height": args.height}
+             "sampler": args.sampler, "width": args.width, "height": args.height, "prompt_2": args.prompt_2,
+             "negative_prompt_2": args.negative_2, "original_size": flip(args.original_size),
+             "crops_coords_top_left": flip(args.crop), "target_size": flip(args.target_size),
+             "aesthetic_score": args.aesthetic_score}
     values.update({k: v for k, v in flags.items() if v is not None})
     if "prompt" not in values:
         raise ValueError("give a prompt (or --from an earlier image)")
@@ -166,11 +216,12 @@ def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationC
 
 
 def _generate(model: DiffusionModel, args: argparse.Namespace, configs: list[GenerationConfig],
-              images: dict[str, Image.Image]):
+              images: dict[str, Image.Image], refiner: DiffusionModel | None, switch_at: float | None):
     progress = not args.quiet
     if args.command == "generate":
+        handover = {} if refiner is None else {"refiner": refiner, "refiner_switch_at": switch_at}
         for start in range(0, len(configs), args.batch_size):
-            yield from model.generate_batch(configs[start:start + args.batch_size], progress=progress)
+            yield from model.generate_batch(configs[start:start + args.batch_size], progress=progress, **handover)
     elif args.command == "img2img":
         for config in configs:
             yield model.image_to_image(config, images["image"], args.strength, progress=progress)

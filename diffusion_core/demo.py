@@ -13,7 +13,8 @@ from PIL import Image  # noqa: E402
 
 from . import schedules  # noqa: E402
 from .images import make_grid, pil_to_tensor, tensor_to_pil  # noqa: E402
-from .pipeline import DiffusionModel, GenerationConfig  # noqa: E402
+from .generation import GenerationConfig  # noqa: E402
+from .pipeline import DiffusionModel  # noqa: E402
 from .schedulers import make_scheduler  # noqa: E402
 
 OUT = Path("outputs/demo")

@@ -1,10 +1,11 @@
-"""Text-to-image, image-to-image and inpainting: Stable Diffusion's sampling, step for step as diffusers does it.
+"""DiffusionModel: text-to-image, image-to-image and inpainting, step for step as diffusers does them.
 
-The method (Rombach et al. 2022, arXiv:2112.10752, §3.3 and §4.3) in four lines:
-encode the prompt with CLIP; draw x_T ~ N(0, I) in the VAE's latent space; run `denoise`, which asks the
-UNet for ε (or v) at each timestep, steers it with classifier-free guidance and lets the scheduler take
-one step; decode x_0 with the VAE. Everything else in this file is bookkeeping around `denoise`: the
-seed rule, image and mask preparation, batching, timings.
+The method (Rombach et al. 2022, arXiv:2112.10752, §3.3 and §4.3) in four lines: encode the prompt; draw
+x_T ~ N(0, I) in the VAE's latent space; run `sampling.denoise`, which asks the UNet for ε (or v) at each
+timestep, steers it with classifier-free guidance and lets the scheduler take one step; decode x_0 with the
+VAE. This file is the bookkeeping around that loop: the seed rule, the conditioning each model family
+needs, image and mask preparation, batching, timings. SDXL (Podell et al. 2023) is the same loop with more
+conditioning (docs/sdxl.md), and its ensemble of experts hands the latents from the base to the refiner.
 
 Seed rule: `seed=s` draws every random number (x_T, the VAE's posterior samples, the schedulers' noise)
 from `torch.Generator("cpu").manual_seed(s)` in diffusers' order, so the image is the one diffusers
@@ -13,233 +14,45 @@ makes with that generator, on any device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
-from .guidance import classifier_free_guidance, is_guided
+from .generation import GeneratedImage, GenerationConfig, DenoisingStep, read_png_parameters
+from .guidance import is_guided
 from .images import image_to_model_input, mask_to_model_input, tensor_to_pil
+from .memory import TILE_LATENT, BatchSlicedUNet, decode_tiled, free_memory
 from .models.vae import DiagonalGaussian
 from .noise import randn
-from .schedulers import NoiseScheduler, SamplerType, scheduler_class
+from .sampling import (Conditioning, InpaintingLatents, StepCallback, denoise, timesteps_after_handover,
+                       timesteps_before_handover, timesteps_for_strength)
+from .schedulers import NoiseScheduler, make_scheduler, scheduler_class
 
 if TYPE_CHECKING:
     from .checkpoints.loader import Components
 
 logger = logging.getLogger(__name__)
 
-# callback(step_index, t, x, pred_x0): x is the sample after the step, pred_x0 the model's x̂0 at t
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-PNG_KEY = "diffusion-core"  # PNG text chunk holding a GeneratedImage's parameters as JSON
-MODES = ("text_to_image", "image_to_image", "inpaint")
 # quality -> (sampler, fraction of the model's default steps); None keeps the checkpoint's own sampler.
 # DPM-Solver++(2M) reaches in 20 steps what first-order samplers reach in 50 (Lu et al. 2022, arXiv:2211.01095).
 QUALITY_PRESETS = {"fast": ("dpmpp_2m", 0.4), "balanced": ("dpmpp_2m", 0.6), "high": (None, 1.0)}
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """What to generate; None fields take the model's defaults (SD: native size, 50 steps, guidance 7.5)."""
-
-    prompt: str                              # the text the image should show
-    negative_prompt: str = ""                # what guidance steers away from ("" = plain unconditional)
-    width: int | None = None                 # pixels, a multiple of the VAE factor (8 for SD); None = native size
-    height: int | None = None                # pixels, as width
-    num_inference_steps: int | None = None   # scheduler steps; None = the model's default (SD: 50)
-    guidance_scale: float | None = None      # CFG scale s; <= 1 skips the unconditional pass; None = default (7.5)
-    guidance_rescale: float = 0.0            # φ of Lin et al. 2023 §3.4 in [0, 1]; 0 = plain CFG
-    seed: int | None = 0                     # seeds torch.Generator("cpu"); None draws one (recorded in the result)
-    sampler: str | None = None               # a SamplerType name ("euler_a", ...); None = the checkpoint's scheduler
-
-    def __post_init__(self):
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise ValueError(f"prompt and negative_prompt must be strings, got {type(self.prompt).__name__} and "
-                             f"{type(self.negative_prompt).__name__}; use generate_batch for several prompts")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"{name} must be a positive integer (pixels) or None, got {value!r}")
-        steps = self.num_inference_steps
-        if steps is not None and (not _is_int(steps) or steps < 1):
-            raise ValueError(f"num_inference_steps must be an integer >= 1 or None, got {steps!r}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance, 7.5 = SD's default), "
-                             f"got {self.guidance_scale!r}")
-        if not 0 <= self.guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
-        if self.sampler is not None:
-            object.__setattr__(self, "sampler", _sampler_name(self.sampler))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GenerationConfig:
-        """The config stored in a dict; other keys (a PNG's mode, strength, model...) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    @classmethod
-    def from_png(cls, path: str | Path) -> GenerationConfig:
-        """The config a PNG written by GeneratedImage.save (or the CLI) was made with."""
-        return cls.from_dict(read_png_parameters(path))
-
-
-@dataclass
-class DenoisingStep:
-    """One step of the loop as `return_intermediates` keeps it (on the CPU)."""
-
-    index: int                # step number, 0 first
-    timestep: float           # t the UNet saw
-    latents: torch.Tensor     # x after the step, (C, h, w); decode with DiffusionModel.decode
-    pred_x0: torch.Tensor     # the model's x̂0 at t, (C, h, w)
-
-
-@dataclass
-class GeneratedImage:
-    """An image and everything needed to reproduce and account for it."""
-
-    image: Image.Image
-    prompt: str
-    config: GenerationConfig     # with every default filled in: generate(config) makes this image again
-    seed: int
-    generation_time: float       # wall seconds of the whole call (for a batch: of the batch)
-    steps_taken: int             # denoising steps run (UNet evaluations per image; fewer with strength < 1)
-    timings: dict[str, float]    # seconds per stage: text_encoding, image_encoding, denoising, decoding
-    peak_memory: int | None      # bytes the device allocated at most during the call (CUDA); None elsewhere
-    mode: str = "text_to_image"  # "text_to_image", "image_to_image" or "inpaint"
-    strength: float | None = None  # image_to_image / inpaint: how far the input image was noised
-    model: str = ""              # the checkpoint's name
-    intermediates: list[DenoisingStep] | None = None  # with return_intermediates=True
-
-    def parameters(self) -> dict[str, Any]:
-        """What the PNG text chunk records: the config, the mode and the model."""
-        return {**self.config.to_dict(), "mode": self.mode, "strength": self.strength, "model": self.model,
-                "steps_taken": self.steps_taken}
-
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write a PNG carrying parameters() in its text chunk; an existing file is an error unless overwrite."""
-        path = Path(path)
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_KEY, json.dumps(self.parameters()))
-        info.add_text("parameters", _a1111_parameters(self))  # the line other SD tools read
-        with open(path, "wb" if overwrite else "xb") as file:  # "x": never replace an existing image
-            self.image.save(file, format="PNG", pnginfo=info)
-        return path
-
-
-def read_png_parameters(path: str | Path) -> dict[str, Any]:
-    """The parameters a diffusion-core PNG carries; a ValueError if it carries none."""
-    with Image.open(path) as image:
-        text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
-    if text is None:
-        raise ValueError(f"{path}: no {PNG_KEY!r} text chunk; only PNGs written by diffusion-core carry one")
-    return json.loads(text)
-
-
-def _a1111_parameters(result: GeneratedImage) -> str:
-    c = result.config
-    negative = f"\nNegative prompt: {c.negative_prompt}" if c.negative_prompt else ""
-    return (f"{c.prompt}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
-            f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}")
-
-
-# ---------------------------------------------------------------- the sampling loop
-
-
-@dataclass
-class InpaintingLatents:
-    """What inpainting adds to the loop, at latent resolution (diffusers' StableDiffusionInpaintPipeline)."""
-
-    mask: torch.Tensor                      # (B, 1, h, w): 1 = repaint, 0 = keep
-    masked_image_latents: torch.Tensor      # (B, 4, h, w): latents of the image with the hole blanked
-    image_latents: torch.Tensor | None = None  # (B, 4, h, w): latents of the whole image (4-channel UNets)
-    noise: torch.Tensor | None = None       # (B, 4, h, w): the noise x_T was made with (4-channel UNets)
-
-
-@torch.no_grad()
-def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor, context: torch.Tensor,
-            timesteps: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
-            generator: torch.Generator | list[torch.Generator] | None = None,
-            inpainting: InpaintingLatents | None = None, callback: StepCallback | None = None,
-            progress: bool = True) -> torch.Tensor:
-    """Run the reverse process from `latents` = x_T (or a noised image) down to x_0 (LDM §3.3; Ho & Salimans 2022).
-
-    Args:
-        unet: ε_θ(x_t, t, c), or v_θ; the scheduler knows which.
-        scheduler: set_timesteps already called; it turns each prediction into the next sample.
-        latents: x at timesteps[0], (B, 4, h, w), already scaled by scheduler.init_noise_sigma.
-        context: text states (B, 77, D), or (2B, 77, D) ordered [unconditional; conditional] when guided.
-        timesteps: the timesteps to visit, usually scheduler.timesteps (a tail of it for image-to-image).
-        guidance_scale: s of classifier-free guidance; <= 1 runs the conditional pass only.
-        guidance_rescale: φ of Lin et al. 2023 §3.4; 0 is plain guidance.
-        generator: the noise source of stochastic samplers (one per image, or one for the batch).
-        inpainting: the mask and image latents: fed to a 9-channel UNet, or pasted back (re-noised)
-            outside the mask after every step for a 4-channel one.
-        callback: called after each step with (step index, t, x after the step, x̂0 predicted at t).
-        progress: show a tqdm bar.
-    """
-    guided = is_guided(guidance_scale)
-    conditioning = None  # 9-channel UNets also see the mask and the masked image's latents
-    if inpainting is not None and unet.config.in_channels == 9:
-        conditioning = torch.cat([inpainting.mask, inpainting.masked_image_latents], dim=1)  # (B, 5, h, w)
-        conditioning = torch.cat([conditioning] * 2) if guided else conditioning
-    for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
-        # both halves of the guided batch start from the same x_t; only their text differs
-        x_in = torch.cat([latents] * 2) if guided else latents
-        x_in = scheduler.scale_model_input(x_in, t)
-        if conditioning is not None:
-            x_in = torch.cat([x_in, conditioning], dim=1)  # (B', 9, h, w)
-        prediction = unet(x_in, t, context)
-        if guided:
-            uncond, cond = prediction.chunk(2)
-            prediction = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
-        step = scheduler.step(prediction, t, latents, generator=generator)
-        latents = step.prev_sample
-        if inpainting is not None and conditioning is None:
-            latents = _keep_outside_mask(latents, inpainting, scheduler, timesteps, i)
-        if callback is not None:
-            callback(i, t, latents, step.pred_original_sample)
-    return latents
-
-
-def _keep_outside_mask(latents: torch.Tensor, inpainting: InpaintingLatents, scheduler: NoiseScheduler,
-                       timesteps: torch.Tensor, i: int) -> torch.Tensor:
-    """4-channel inpainting, RePaint eq. 8 without resampling (Lugmayr et al. 2022, arXiv:2201.09865), in latent
-    space as diffusers does: outside the mask the original image noised to the next timestep (with the noise
-    x_T was made with), inside the sample."""
-    known = inpainting.image_latents
-    if i < len(timesteps) - 1:
-        known = scheduler.add_noise(known, inpainting.noise, timesteps[i + 1:i + 2])
-    return (1 - inpainting.mask) * known + inpainting.mask * latents
-
-
-def timesteps_for_strength(scheduler: NoiseScheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
-    """The last int(n·strength) steps of the schedule: image-to-image starts part-way down (SDEdit, Meng et al. 2021)."""
-    init_steps = min(int(num_inference_steps * strength), num_inference_steps)
-    start = max(num_inference_steps - init_steps, 0)
-    return scheduler.timesteps[start * scheduler.order:]
-
-
-# ---------------------------------------------------------------- the model
+# diffusers' defaults of `strength` (and inpainting's guidance) per pipeline: SDXL's img2img and inpaint differ
+PIPELINE_DEFAULTS = {"sd": {"image_to_image": {"strength": 0.75}, "inpaint": {"strength": 1.0}},
+                     "sdxl": {"image_to_image": {"strength": 0.3}, "inpaint": {"strength": 0.9999,
+                                                                               "guidance_scale": 7.5}}}
 
 
 class DiffusionModel:
-    """A Stable Diffusion checkpoint ready to generate: UNet, VAE, text encoder, default scheduler and config.
+    """A Stable Diffusion checkpoint ready to generate: UNet, VAE, text encoder(s), default scheduler and config.
 
     Memory options for large images (all off by default): `vae_slicing` decodes one image of a batch at a
     time, `vae_tiling` decodes overlapping tiles and blends them, `unet_slice_size` runs the UNet on at most
@@ -269,29 +82,49 @@ class DiffusionModel:
         self._compiled_unet: nn.Module | None = None
         if not bundled and (device is not None or dtype is not None):
             self.to(device, dtype)
+        self._upcast_vae()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, original_config: str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        prediction_type: str | None = None, compile: bool = False) -> DiffusionModel:
+                        prediction_type: str | None = None, compile: bool = False,
+                        turbo: bool = False) -> DiffusionModel:
         """Load a diffusers folder or an original .safetensors / .ckpt file (see checkpoints.loader.load_components).
 
         Args:
-            original_config: the LDM yaml of a single file; without it SD 1.x / 2.x / inpainting are recognised.
+            original_config: the LDM yaml of an SD 1.x / 2.x single file; without it the model is recognised.
             prediction_type: "epsilon" or "v_prediction", when the file alone cannot tell (SD 2.x).
             compile: see DiffusionModel.
+            turbo: an SD-Turbo / SDXL-Turbo file: ε-prediction, then `use_turbo()` (a single file has no
+                scheduler to say so).
         """
         from .checkpoints.loader import load_components
 
         components = load_components(path, original_config=original_config, device=device, dtype=dtype,
-                                     prediction_type=prediction_type)
-        return cls(components, compile=compile)
+                                     prediction_type=prediction_type or ("epsilon" if turbo else None))
+        model = cls(components, compile=compile)
+        return model.use_turbo() if turbo else model
+
+    def use_turbo(self) -> DiffusionModel:
+        """Sample as the SD-Turbo and SDXL-Turbo model cards say (Sauer et al. 2023, adversarial diffusion
+        distillation): Euler ancestral on "trailing" timesteps, 1 step by default (up to 4 work), no guidance, 512 px."""
+        scheduler = {**self.config.scheduler, "timestep_spacing": "trailing"}
+        self.config = dataclasses.replace(self.config, scheduler=scheduler, scheduler_name="euler_a", default_steps=1,
+                                          default_guidance=0.0, native_size=512)
+        self.scheduler = make_scheduler("euler_a", **scheduler)
+        return self
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         self._compiled_unet = None
+        self._upcast_vae()
         return self
+
+    def _upcast_vae(self) -> None:
+        """SDXL's VAE overflows in fp16: it runs in fp32 on weights rounded to fp16, as diffusers' force_upcast."""
+        if self.vae.config.force_upcast and next(self.vae.parameters()).dtype == torch.float16:
+            self.vae.float()
 
     @property
     def device(self) -> torch.device:
@@ -307,30 +140,37 @@ class DiffusionModel:
         return 2 ** (len(self.vae.config.ch_mult) - 1)
 
     def __repr__(self) -> str:
-        return (f"DiffusionModel({self.config.name!r}, {self.config.prediction_type}, sampler="
+        return (f"DiffusionModel({self.config.name!r}, {self.config.family}, {self.config.prediction_type}, sampler="
                 f"{type(self.scheduler).__name__}, device={self.device}, dtype={self.dtype})")
 
     # ------------------------------------------------------------ public generation API
 
-    def generate(self, config: GenerationConfig, *, callback: StepCallback | None = None, progress: bool = True,
+    def generate(self, config: GenerationConfig, *, refiner: DiffusionModel | None = None,
+                 refiner_switch_at: float = 0.8, callback: StepCallback | None = None, progress: bool = True,
                  return_intermediates: bool = False) -> GeneratedImage:
-        """Text to image: diffusers' StableDiffusionPipeline with generator=torch.Generator("cpu").manual_seed(seed).
+        """Text to image: diffusers' StableDiffusion(XL)Pipeline with generator=torch.Generator("cpu").manual_seed(seed).
 
         Args:
+            refiner: SDXL's ensemble of experts (eDiff-I; Podell et al. 2023, §2.5): this base model denoises the
+                first `refiner_switch_at` of the schedule, the refiner the rest, the generators carrying on.
             callback: called after every step with (step index, t, x after the step, x̂0 predicted at t).
             progress: show a tqdm bar.
             return_intermediates: keep x and x̂0 of every step in the result's `intermediates`.
         """
-        return self.generate_batch([config], callback=callback, progress=progress,
-                                   return_intermediates=return_intermediates)[0]
+        return self.generate_batch([config], refiner=refiner, refiner_switch_at=refiner_switch_at, callback=callback,
+                                   progress=progress, return_intermediates=return_intermediates)[0]
 
-    def generate_batch(self, configs: list[GenerationConfig], *, callback: StepCallback | None = None,
-                       progress: bool = True, return_intermediates: bool = False) -> list[GeneratedImage]:
+    def generate_batch(self, configs: list[GenerationConfig], *, refiner: DiffusionModel | None = None,
+                       refiner_switch_at: float = 0.8, callback: StepCallback | None = None, progress: bool = True,
+                       return_intermediates: bool = False) -> list[GeneratedImage]:
         """Several configs, those that share size, steps, guidance and sampler in one batch; image i equals
         generate(configs[i]), because each image draws from its own seeded generator."""
         if not isinstance(configs, (list, tuple)) or not all(isinstance(c, GenerationConfig) for c in configs):
             raise ValueError("generate_batch takes a list of GenerationConfig")
-        resolved = [self._resolve(c, self._native_size()) for c in configs]
+        if refiner is not None:
+            self._check_refiner(refiner, refiner_switch_at)
+        resolved = [self._resolve(c, self._native_size(), "text_to_image", refined=refiner is not None)
+                    for c in configs]
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(resolved):
             key = (c.width, c.height, c.num_inference_steps, c.guidance_scale, c.guidance_rescale, c.sampler)
@@ -338,35 +178,39 @@ class DiffusionModel:
         for indices in groups.values():  # every group fits, or nothing runs
             self._check_memory(resolved[indices[0]].width, resolved[indices[0]].height, len(indices))
         results: list[GeneratedImage | None] = [None] * len(configs)
+        handover = (refiner, refiner_switch_at) if refiner is not None else None
         for indices in groups.values():
             batch = [resolved[i] for i in indices]
             if self.unet.config.in_channels == 9:  # an inpainting UNet draws on a blank canvas: mask all
                 w, h = batch[0].width, batch[0].height
                 outputs = self._run(batch, "text_to_image", Image.new("RGB", (w, h)), Image.new("L", (w, h), 255),
-                                    1.0, callback, progress, return_intermediates)
+                                    1.0, callback, progress, return_intermediates, handover)
             else:
                 outputs = self._run(batch, "text_to_image", None, None, 1.0, callback, progress,
-                                    return_intermediates)
+                                    return_intermediates, handover)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
 
-    def image_to_image(self, config: GenerationConfig, init_image: Image.Image, strength: float = 0.75, *,
+    def image_to_image(self, config: GenerationConfig, init_image: Image.Image, strength: float | None = None, *,
                        callback: StepCallback | None = None, progress: bool = True,
                        return_intermediates: bool = False) -> GeneratedImage:
         """SDEdit (Meng et al. 2021, arXiv:2108.01073): noise the image to step int(n·strength), then denoise.
 
-        As diffusers' StableDiffusionImg2ImgPipeline; width/height None keep the image's size, rounded down to
-        a multiple of the VAE factor. A 9-channel inpainting checkpoint repaints everywhere (a white mask).
+        As diffusers' StableDiffusion(XL)Img2ImgPipeline; width/height None keep the image's size, rounded down
+        to a multiple of the VAE factor. A 9-channel inpainting checkpoint repaints everywhere (a white mask).
+        The SDXL refiner used alone is this: image-to-image on a finished picture.
 
         Args:
-            strength: in (0, 1]; 1 ignores the image's content, small values change little.
+            strength: in (0, 1]; 1 ignores the image's content, small values change little. None: diffusers'
+                default, 0.75 (SD) or 0.3 (SDXL).
         """
         _check_image("init_image", init_image)
+        strength = self._pipeline_default("image_to_image", "strength", strength)
         _check_strength(strength, config, self)
         f = self.vae_scale_factor
         size = (init_image.width - init_image.width % f, init_image.height - init_image.height % f)
-        resolved = self._resolve(config, size)
+        resolved = self._resolve(config, size, "image_to_image")
         self._check_memory(resolved.width, resolved.height, 1)
         if self.unet.config.in_channels == 9:
             white = Image.new("L", (resolved.width, resolved.height), 255)
@@ -375,19 +219,21 @@ class DiffusionModel:
         return self._run([resolved], "image_to_image", init_image, None, strength, callback, progress,
                          return_intermediates)[0]
 
-    def inpaint(self, config: GenerationConfig, image: Image.Image, mask: Image.Image, strength: float = 1.0, *,
-                callback: StepCallback | None = None, progress: bool = True,
+    def inpaint(self, config: GenerationConfig, image: Image.Image, mask: Image.Image, strength: float | None = None,
+                *, callback: StepCallback | None = None, progress: bool = True,
                 return_intermediates: bool = False) -> GeneratedImage:
         """Repaint where `mask` is white (>= 50% grey), keep where it is black, as diffusers'
-        StableDiffusionInpaintPipeline: a 9-channel inpainting UNet sees the mask and the masked image; a
+        StableDiffusion(XL)InpaintPipeline: a 9-channel inpainting UNet sees the mask and the masked image; a
         4-channel UNet has the original (re-noised) pasted back outside the mask after every step.
 
         width/height None mean the model's native size, as in diffusers; image and mask are resized to it.
+        strength None is diffusers' default: 1.0 (SD), 0.9999 (SDXL, which keeps a trace of the image).
         """
         _check_image("image", image)
         _check_image("mask", mask)
+        strength = self._pipeline_default("inpaint", "strength", strength)
         _check_strength(strength, config, self)
-        resolved = self._resolve(config, self._native_size())
+        resolved = self._resolve(config, self._native_size(), "inpaint")
         self._check_memory(resolved.width, resolved.height, 1)
         return self._run([resolved], "inpaint", image, mask, strength, callback, progress, return_intermediates)[0]
 
@@ -409,7 +255,40 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str], guided: bool) -> torch.Tensor:
         """The UNet's context: (B, 77, D), or (2B, 77, D) = [negative prompts; prompts] when guided."""
-        return self.text_encoder(list(negative_prompts) + list(prompts) if guided else list(prompts))
+        configs = [GenerationConfig(p, negative_prompt=n) for p, n in zip(prompts, negative_prompts, strict=True)]
+        return self._encode_text(configs, guided).context
+
+    @torch.no_grad()
+    def conditioning(self, configs: list[GenerationConfig], guided: bool) -> Conditioning:
+        """Everything the UNet sees besides x_t and t for these configs, [negative; positive] when guided: the
+        text context, and for SDXL the pooled embedding and the micro-conditioning time ids.
+
+        The configs must be resolved (sizes filled in), as every GeneratedImage's `config` is.
+        """
+        text = self._encode_text(configs, guided)
+        if self.config.text_2 is None:
+            return text
+        ids = [c.time_ids(aesthetic=self.config.family == "sdxl_refiner") for c in configs]
+        positive = torch.tensor([p for p, _ in ids], device=self.device, dtype=self.dtype)  # (B, 6), refiner (B, 5)
+        negative = torch.tensor([n for _, n in ids], device=self.device, dtype=self.dtype)
+        return dataclasses.replace(text, time_ids=torch.cat([negative, positive]) if guided else positive)
+
+    def _encode_text(self, configs: list[GenerationConfig], guided: bool) -> Conditioning:
+        prompts = [c.prompt for c in configs]
+        if self.config.text_2 is None:  # SD 1.x / 2.x: one CLIP, [negative; positive] in one pass
+            return Conditioning(self.text_encoder([c.negative_prompt for c in configs] + prompts if guided else prompts))
+        # SDXL: bigG reads prompt_2 (the refiner, which has bigG only, reads prompt, as in diffusers)
+        second = None if self.config.family == "sdxl_refiner" else [c.prompt_2 or c.prompt for c in configs]
+        positive = Conditioning(*self.text_encoder(prompts, second))
+        if not guided:
+            return positive
+        negative_second = None if second is None else [c.negative_prompt_2 or c.negative_prompt for c in configs]
+        negative = Conditioning(*self.text_encoder([c.negative_prompt for c in configs], negative_second))
+        # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
+        zeros = torch.tensor([self.config.force_zeros_for_empty_prompt and not c.negative_prompt
+                              and not c.negative_prompt_2 for c in configs], device=negative.context.device)
+        negative = Conditioning(negative.context * ~zeros[:, None, None], negative.text_embeds * ~zeros[:, None])
+        return Conditioning.guided(negative, positive)
 
     def make_scheduler(self, sampler: str | None = None) -> NoiseScheduler:
         """A fresh scheduler: a copy of self.scheduler for None; else that algorithm built from the checkpoint's
@@ -431,9 +310,8 @@ class DiffusionModel:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] from latents (B, 4, h, w); an fp16 VAE that overflows (NaN/inf) moves to fp32
         for good and decodes again, as SD's fp16 VAE is known to overflow on some images."""
-        z = latents / self.vae.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self._vae_decode(z.to(vae_dtype))
+        images = self._vae_decode(latents.to(vae_dtype) / self.vae.scaling_factor)
         if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(images).all():
             logger.warning("the %s VAE decoded to NaN/inf; it is now fp32 and decodes again", vae_dtype)
             self.vae.float()
@@ -450,17 +328,24 @@ class DiffusionModel:
     def _native_size(self) -> tuple[int, int]:
         return self.config.native_size, self.config.native_size
 
-    def _resolve(self, config: GenerationConfig, default_size: tuple[int, int]) -> GenerationConfig:
+    def _pipeline_default(self, mode: str, name: str, value: Any) -> Any:
+        """`value`, or diffusers' default for this pipeline and model family when it is None."""
+        if value is not None:
+            return value
+        return PIPELINE_DEFAULTS["sdxl" if self.config.text_2 else "sd"].get(mode, {}).get(name)
+
+    def _resolve(self, config: GenerationConfig, default_size: tuple[int, int], mode: str = "text_to_image",
+                 refined: bool = False) -> GenerationConfig:
         """The config with every default filled in, checked against this model before any heavy work."""
         if not isinstance(config, GenerationConfig):
             raise ValueError(f"expected a GenerationConfig, got {type(config).__name__}")
+        self._check_family_fields(config, refined)
         sampler = config.sampler or self._default_sampler_name()
-        if config.sampler is not None:
-            scheduler_class(config.sampler)  # a ValueError lists the valid names
+        guidance = self._pipeline_default(mode, "guidance_scale", None) or self.config.default_guidance
         resolved = dataclasses.replace(
             config, width=config.width or default_size[0], height=config.height or default_size[1],
             num_inference_steps=config.num_inference_steps or self.config.default_steps,
-            guidance_scale=self.config.default_guidance if config.guidance_scale is None else config.guidance_scale,
+            guidance_scale=guidance if config.guidance_scale is None else config.guidance_scale,
             seed=secrets.randbits(63) if config.seed is None else config.seed, sampler=sampler)
         f = self.vae_scale_factor
         if resolved.width % f or resolved.height % f:
@@ -469,7 +354,38 @@ class DiffusionModel:
         if resolved.num_inference_steps > self.scheduler.config.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be at most {self.scheduler.config.num_train_timesteps} "
                              f"(the training timesteps), got {resolved.num_inference_steps}")
+        if self.config.text_2 is not None:  # SDXL's sizes default to the image's own (height, width)
+            size = (resolved.height, resolved.width)
+            resolved = dataclasses.replace(
+                resolved, original_size=resolved.original_size or size,
+                target_size=None if self.config.family == "sdxl_refiner" else resolved.target_size or size)
+            resolved.time_ids(aesthetic=self.config.family == "sdxl_refiner")  # a ValueError for half-set negatives
         return resolved
+
+    def _check_family_fields(self, config: GenerationConfig, refined: bool) -> None:
+        """SDXL's fields only where a model reads them: never silently ignored."""
+        family, fields = self.config.family, config.sdxl_fields()
+        if family in ("sd1", "sd2") and fields:
+            raise ValueError(f"{fields} are SDXL-only fields; this {family} model has no second text encoder and no "
+                             f"micro-conditioning")
+        aesthetic = [f for f in fields if f.endswith("aesthetic_score")]
+        if family == "sdxl" and aesthetic and not refined:
+            raise ValueError(f"{aesthetic} condition the SDXL refiner; pass refiner= or leave them at their defaults")
+        if family == "sdxl_refiner":
+            unread = [f for f in fields if f.endswith("target_size")] + (
+                ["prompt_2"] if config.prompt_2 not in (None, config.prompt) else []) + (
+                ["negative_prompt_2"] if config.negative_prompt_2 not in (None, config.negative_prompt) else [])
+            if unread:
+                raise ValueError(f"{unread} do not reach the refiner: its one text encoder (bigG) reads prompt and "
+                                 f"negative_prompt, and its time ids are size, crop and aesthetic score")
+
+    def _check_refiner(self, refiner: DiffusionModel, switch_at: float) -> None:
+        if not isinstance(refiner, DiffusionModel) or refiner.config.text_2 is None or self.config.family != "sdxl":
+            raise ValueError(f"refiner= hands an SDXL base's latents to an SDXL refiner; got a "
+                             f"{self.config.family} model and {getattr(getattr(refiner, 'config', None), 'family', refiner)!r}")
+        if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)) or not 0 < switch_at < 1:
+            raise ValueError(f"refiner_switch_at must lie in (0, 1) (the share of the schedule the base denoises), "
+                             f"got {switch_at!r}")
 
     def _default_sampler_name(self) -> str | None:
         """The SamplerType name of self.scheduler, when it is the checkpoint's own algorithm (it usually is)."""
@@ -481,7 +397,7 @@ class DiffusionModel:
 
     def _check_memory(self, width: int, height: int, batch: int) -> None:
         """Refuse a size whose activations cannot fit in the device's free memory (a coarse lower bound)."""
-        free = _free_memory(self.device)
+        free = free_memory(self.device)
         if free is None:
             return
         element = torch.finfo(self.dtype).bits // 8
@@ -490,7 +406,7 @@ class DiffusionModel:
         unet_batch = 2 * batch if self.unet_slice_size is None else min(self.unet_slice_size, 2 * batch)
         unet = unet_batch * (width // f) * (height // f) * self.unet.config.model_channels * 16 * element
         # The VAE decoder's full-resolution stage: ~8 buffers of ch channels per pixel alive at once.
-        side = _TILE_LATENT * f
+        side = TILE_LATENT * f
         pixels = min(width, side) * min(height, side) if self.vae_tiling else width * height
         images = 1 if (self.vae_slicing or self.vae_tiling) else batch
         vae = images * pixels * self.vae.config.ch * 8 * element
@@ -513,63 +429,81 @@ class DiffusionModel:
 
     @torch.no_grad()
     def _run(self, configs: list[GenerationConfig], mode: str, image: Image.Image | None, mask: Image.Image | None,
-             strength: float, callback: StepCallback | None, progress: bool,
-             return_intermediates: bool) -> list[GeneratedImage]:
+             strength: float, callback: StepCallback | None, progress: bool, return_intermediates: bool,
+             handover: tuple[DiffusionModel, float] | None = None) -> list[GeneratedImage]:
         """One batch of resolved configs sharing size, steps, guidance and sampler, in diffusers' order of draws."""
         first = configs[0]
         batch, width, height = len(configs), first.width, first.height
         scheduler = self._scheduler_for(first.sampler)
         guided = is_guided(first.guidance_scale)
-        device, dtype = self.device, self.dtype
-        clock = _StageClock(device)
+        clock = _StageClock(self.device)
 
         with clock("text_encoding"):
-            context = self.encode_prompt([c.prompt for c in configs], [c.negative_prompt for c in configs], guided)
-        scheduler.set_timesteps(first.num_inference_steps, device=device)
+            conditioning = self.conditioning(configs, guided)
+        scheduler.set_timesteps(first.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
         if image is not None:
             timesteps = timesteps_for_strength(scheduler, first.num_inference_steps, strength)
+        if handover is not None:  # the base's share of an ensemble of experts (diffusers' denoising_end)
+            timesteps = timesteps_before_handover(scheduler, timesteps, handover[1])
         generators = [torch.Generator("cpu").manual_seed(c.seed) for c in configs]  # the seed rule
         shape = (batch, self.vae.config.embed_dim, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
         inpainting = None
         with clock("image_encoding"):
             if image is None:  # x_T ~ N(0, I), scaled to the scheduler's first noise level
-                latents = randn(shape, generators, device, dtype) * scheduler.init_noise_sigma
+                latents = randn(shape, generators, self.device, self.dtype) * scheduler.init_noise_sigma
             elif mask is None:  # image-to-image: the image's latents noised to the first timestep
                 image_latents = self.encode_image(image_to_model_input(image, width, height), generators)
-                noise = randn(shape, generators, device, dtype)
+                noise = randn(shape, generators, self.device, self.dtype)
                 latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
             else:
-                latents, inpainting = self._prepare_inpainting(image, mask, strength, scheduler, timesteps,
-                                                               generators, shape)
-        steps: list[list[DenoisingStep]] = [[] for _ in configs]
-
-        def on_step(i: int, t: torch.Tensor, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
-            if return_intermediates:
-                for k in range(batch):
-                    steps[k].append(DenoisingStep(i, float(t), x[k].float().cpu(), pred_x0[k].float().cpu()))
-            if callback is not None:
-                callback(i, t, x, pred_x0)
-
+                latents, inpainting, channels = self._prepare_inpainting(image, mask, strength, scheduler, timesteps,
+                                                                         generators, shape)
+                if channels is not None:  # a 9-channel UNet sees the mask and the masked image in both passes
+                    conditioning.inpainting = torch.cat([channels] * 2) if guided else channels
+        log = _StepLog(batch, callback, return_intermediates)
         with clock("denoising"):
-            latents = denoise(self._sampling_unet(), scheduler, latents, context, timesteps, first.guidance_scale,
-                              first.guidance_rescale, generators, inpainting, on_step, progress)
+            latents = denoise(self._sampling_unet(), scheduler, latents, conditioning, timesteps, first.guidance_scale,
+                              first.guidance_rescale, generators, inpainting, log, progress)
+        decoder, steps = self, len(timesteps)
+        if handover is not None:
+            decoder, switch_at = handover
+            log.offset = steps
+            latents, refined = decoder._refine(latents, configs, generators, switch_at, clock, log, progress)
+            steps += refined
         with clock("decoding"):
-            pictures = tensor_to_pil(self.decode_latents(latents))
+            pictures = tensor_to_pil(decoder.decode_latents(latents))
         wall = clock.total()
         return [GeneratedImage(image=picture, prompt=c.prompt, config=c, seed=c.seed, generation_time=wall,
-                               steps_taken=len(timesteps), timings=dict(clock.seconds),
-                               peak_memory=clock.peak_memory(), mode=mode,
-                               strength=None if image is None or mode == "text_to_image" else strength,
-                               model=self.config.name, intermediates=steps[k] if return_intermediates else None)
+                               steps_taken=steps, timings=dict(clock.seconds), peak_memory=clock.peak_memory(),
+                               mode=mode, strength=None if image is None or mode == "text_to_image" else strength,
+                               model=self.config.name, intermediates=log.steps[k] if return_intermediates else None,
+                               refiner=handover[0].config.name if handover else None,
+                               refiner_switch_at=handover[1] if handover else None)
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
+    def _refine(self, latents: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator],
+                switch_at: float, clock: _StageClock, log: _StepLog, progress: bool) -> tuple[torch.Tensor, int]:
+        """The refiner's share of an ensemble: diffusers' img2img with denoising_start=switch_at, which takes the
+        base's latents as they are (no noise added) with its own conditioning. Returns x_0 and the steps run."""
+        first = configs[0]
+        guided = is_guided(first.guidance_scale)
+        scheduler = self._scheduler_for(first.sampler)
+        with clock("text_encoding"):
+            conditioning = self.conditioning(configs, guided)
+        scheduler.set_timesteps(first.num_inference_steps, device=self.device)
+        timesteps = timesteps_after_handover(scheduler, switch_at)
+        with clock("denoising"):
+            latents = denoise(self._sampling_unet(), scheduler, latents.to(self.device, self.dtype), conditioning,
+                              timesteps, first.guidance_scale, first.guidance_rescale, generators, None, log, progress)
+        return latents, len(timesteps)
+
     def _prepare_inpainting(self, image: Image.Image, mask: Image.Image, strength: float, scheduler: NoiseScheduler,
-                            timesteps: torch.Tensor, generators: list[torch.Generator],
-                            shape: tuple[int, ...]) -> tuple[torch.Tensor, InpaintingLatents]:
-        """x_T, the latent mask and the image latents, drawing from the generators in diffusers' order:
-        the image's posterior (when needed), the noise, then the masked image's posterior."""
+                            timesteps: torch.Tensor, generators: list[torch.Generator], shape: tuple[int, ...]
+                            ) -> tuple[torch.Tensor, InpaintingLatents | None, torch.Tensor | None]:
+        """x_T, then what 4-channel inpainting pastes back or the 9 channels' extra 5, drawing from the generators
+        in diffusers' order: the image's posterior (when needed), the noise, then the masked image's posterior."""
         batch, _, h, w = shape
         device, dtype = self.device, self.dtype
         pixels = image_to_model_input(image, w * self.vae_scale_factor, h * self.vae_scale_factor)
@@ -585,66 +519,36 @@ class DiffusionModel:
         # diffusers encodes the masked image for 4-channel UNets too: its draw is part of the seed's stream
         masked_image_latents = self.encode_image(pixels * (mask_pixels < 0.5), generators)
         mask_latents = F.interpolate(mask_pixels, size=(h, w)).to(device, dtype).expand(batch, -1, -1, -1)
-        return latents, InpaintingLatents(mask_latents, masked_image_latents, image_latents if blend else None,
-                                          noise if blend else None)
+        if blend:
+            return latents, InpaintingLatents(mask_latents, image_latents, noise), None
+        return latents, None, torch.cat([mask_latents, masked_image_latents], dim=1)  # (B, 5, h, w)
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae_tiling:
-            return torch.cat([_decode_tiled(self.vae, z[i:i + 1], _TILE_LATENT) for i in range(len(z))])
+            return torch.cat([decode_tiled(self.vae, z[i:i + 1]) for i in range(len(z))])
         if self.vae_slicing:
             return torch.cat([self.vae.decode(z[i:i + 1]) for i in range(len(z))])
         return self.vae.decode(z)
 
 
-class BatchSlicedUNet(nn.Module):
-    """Runs a UNet on at most `slice_size` samples at a time: less activation memory, same predictions."""
-
-    def __init__(self, unet: nn.Module, slice_size: int, config: Any):
-        super().__init__()
-        self.unet, self.slice_size, self.config = unet, slice_size, config
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        n = self.slice_size
-        return torch.cat([self.unet(sample[i:i + n], timestep, context[i:i + n]) for i in range(0, len(sample), n)])
-
-
-_TILE_LATENT = 64  # VAE tiles of 64x64 latents (512 px for SD), overlapping by a quarter
-
-
-def _decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int) -> torch.Tensor:
-    """Decode overlapping latent tiles and blend them with linear ramps: memory of one tile, any image size."""
-    h, w = z.shape[-2:]
-    if h <= tile and w <= tile:
-        return vae.decode(z)
-    f = 2 ** (len(vae.config.ch_mult) - 1)
-    overlap = tile // 4
-    out = torch.zeros(z.shape[0], vae.config.out_ch, h * f, w * f, device=z.device, dtype=torch.float32)
-    weight = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=torch.float32)
-    for top in _tile_starts(h, tile, tile - overlap):
-        for left in _tile_starts(w, tile, tile - overlap):
-            piece = vae.decode(z[..., top:top + tile, left:left + tile]).float()
-            ramp = _ramp(piece.shape[-2], overlap * f, z.device)[:, None] * _ramp(piece.shape[-1], overlap * f,
-                                                                                  z.device)[None, :]
-            rows, cols = slice(top * f, top * f + piece.shape[-2]), slice(left * f, left * f + piece.shape[-1])
-            out[..., rows, cols] += piece * ramp
-            weight[..., rows, cols] += ramp
-    return (out / weight).to(z.dtype)
-
-
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    starts = list(range(0, max(length - tile, 0) + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return starts
-
-
-def _ramp(length: int, overlap: int, device: torch.device) -> torch.Tensor:
-    """Weights rising linearly over `overlap` pixels at both ends (never 0, so lone borders keep their tile)."""
-    x = torch.arange(length, device=device, dtype=torch.float32)
-    return torch.minimum(torch.ones_like(x), torch.minimum(x + 1, length - x) / (overlap + 1))
-
-
 # ---------------------------------------------------------------- small helpers
+
+
+class _StepLog:
+    """The loop's callback: forwards each step to the user's and keeps DenoisingSteps when asked. Step numbers
+    run on from the base into the refiner of an ensemble (`offset`)."""
+
+    def __init__(self, batch: int, callback: StepCallback | None, keep: bool):
+        self.callback, self.keep, self.offset = callback, keep, 0
+        self.steps: list[list[DenoisingStep]] = [[] for _ in range(batch)]
+
+    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        i += self.offset
+        if self.keep:
+            for k, steps in enumerate(self.steps):
+                steps.append(DenoisingStep(i, float(t), x[k].float().cpu(), pred_x0[k].float().cpu()))
+        if self.callback is not None:
+            self.callback(i, t, x, pred_x0)
 
 
 class _StageClock:
@@ -675,36 +579,11 @@ class _StageClock:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
 
-def _free_memory(device: torch.device) -> int | None:
-    """Free bytes on the device: CUDA's own count, or MemAvailable of Linux's /proc/meminfo; None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if device.type == "cpu" and meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def _bundled_components(device: str | torch.device, dtype: torch.dtype) -> Components:
     """The bundled shapes model (diffusion_core.toy), trained on a CPU and shipped with the package."""
     from .toy import load_toy
 
     return load_toy(device=device, dtype=dtype)
-
-
-def _sampler_name(sampler: str | SamplerType) -> str:
-    try:
-        return SamplerType(sampler).value
-    except ValueError:
-        valid = ", ".join(s.value for s in SamplerType)
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {valid} (or None for the checkpoint's "
-                         f"own scheduler)") from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_image(name: str, image: Any) -> None:
@@ -723,5 +602,5 @@ def _check_strength(strength: float, config: GenerationConfig, model: DiffusionM
                          f"raise strength or num_inference_steps")
 
 
-__all__ = ["DiffusionModel", "GenerationConfig", "GeneratedImage", "DenoisingStep", "InpaintingLatents", "denoise",
-           "timesteps_for_strength", "read_png_parameters", "QUALITY_PRESETS"]
+__all__ = ["DiffusionModel", "GenerationConfig", "GeneratedImage", "DenoisingStep", "InpaintingLatents",
+           "Conditioning", "denoise", "timesteps_for_strength", "read_png_parameters", "QUALITY_PRESETS"]

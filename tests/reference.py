@@ -29,6 +29,17 @@ SD21_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_
                  use_linear_projection=True, upcast_attention=True, dual_cross_attention=False,
                  only_cross_attention=False, num_class_embeds=None)
 
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0 (the keys SDXL adds to SD's).
+SDXL_BASE_UNET = dict(SD15_UNET, sample_size=128, block_out_channels=[320, 640, 1280],
+                      down_block_types=[_DOWN, _CROSS, _CROSS], up_block_types=[_CROSS_UP, _CROSS_UP, _UP],
+                      cross_attention_dim=2048, attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816, upcast_attention=None)
+SDXL_REFINER_UNET = dict(SDXL_BASE_UNET, block_out_channels=[384, 768, 1536, 1536],
+                         down_block_types=[_DOWN, _CROSS, _CROSS, _DOWN], up_block_types=[_UP, _CROSS_UP, _CROSS_UP, _UP],
+                         cross_attention_dim=1280, attention_head_dim=[6, 12, 24, 24], transformer_layers_per_block=4,
+                         projection_class_embeddings_input_dim=2560)
+
 TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 64], layers_per_block=2,
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
                 latent_channels=4, norm_num_groups=32, sample_size=32)
@@ -36,6 +47,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 64], 
 SD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
               latent_channels=4, norm_num_groups=32, sample_size=512, act_fn="silu", scaling_factor=0.18215)
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
 POOL_SIZE = (1 << 25) + 15  # 33.5M: more than the largest SD tensor (29.5M), so a tensor repeats no value
@@ -82,3 +94,34 @@ def build_vae(config: dict, seed: int = 0) -> AutoencoderKL:
     model = randomize_(model.to_empty(device="cpu").eval(), seed)
     model.set_attn_processor(AttnProcessor2_0())
     return model
+
+
+@torch.no_grad()
+def random_fp16_weights_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded weights that fp16 holds exactly: matrices with std 1/sqrt(fan_in), norm scales near 1, small biases.
+
+    Uniform draws into a meta-built model skip the reference's own (slow) random init.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            bound = (3 / p[0].numel()) ** 0.5
+            p.uniform_(-bound, bound, generator=gen)
+        elif "norm" in name and name.endswith("weight"):
+            p.uniform_(0.8, 1.2, generator=gen)
+        else:
+            p.uniform_(-0.1, 0.1, generator=gen)
+        p.copy_(p.half())
+    return model
+
+
+def full_size(build, seed: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():  # CLIP's position ids, the only buffer
+        assert name.endswith("position_ids"), name
+        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(AttnProcessor2_0())
+    return random_fp16_weights_(model, seed).eval()

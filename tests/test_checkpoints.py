@@ -16,12 +16,12 @@ import torch
 import yaml
 from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
-from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import checkpoint_fixtures as fx
 import reference
+from reference import full_size
 from diffusion_core.checkpoints.configs import (PRESETS, SD15, SD15_INPAINT, SD2_INPAINT, SD21_768V, SD21_BASE,
                                                 config_from_weights, sd_scheduler_config)
 from diffusion_core.checkpoints.ldm_yaml import config_from_ldm_yaml, ldm_yaml_from_config
@@ -601,37 +601,6 @@ SD15_TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=
 SD21_TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
                            layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, projection_dim=512)
-
-
-@torch.no_grad()
-def random_fp16_weights_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded weights that fp16 holds exactly: matrices with std 1/sqrt(fan_in), norm scales near 1, small biases.
-
-    Uniform draws into a meta-built model skip the reference's own (slow) random init.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            bound = (3 / p[0].numel()) ** 0.5
-            p.uniform_(-bound, bound, generator=gen)
-        elif "norm" in name and name.endswith("weight"):
-            p.uniform_(0.8, 1.2, generator=gen)
-        else:
-            p.uniform_(-0.1, 0.1, generator=gen)
-        p.copy_(p.half())
-    return model
-
-
-def full_size(build, seed: int) -> torch.nn.Module:
-    with torch.device("meta"):
-        model = build()
-    model.to_empty(device="cpu")
-    for name, buffer in model.named_buffers():  # CLIP's position ids, the only buffer
-        assert name.endswith("position_ids"), name
-        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-    if hasattr(model, "set_attn_processor"):
-        model.set_attn_processor(AttnProcessor2_0())
-    return random_fp16_weights_(model, seed).eval()
 
 
 @torch.no_grad()

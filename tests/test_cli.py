@@ -16,13 +16,7 @@ from diffusion_core.pipeline import read_png_parameters
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one thread is faster than two that spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

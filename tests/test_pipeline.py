@@ -23,19 +23,13 @@ import checkpoint_fixtures as fx
 from diffusion_core import DiffusionModel, GenerationConfig
 from diffusion_core.checkpoints.loader import SAMPLER_OF_CLASS
 from diffusion_core.guidance import classifier_free_guidance, is_guided
-from diffusion_core.pipeline import BatchSlicedUNet, _decode_tiled
+from diffusion_core.memory import BatchSlicedUNet, decode_tiled
 
 DIFFUSERS_CLASS = {name: getattr(diffusers, cls) for cls, name in SAMPLER_OF_CLASS.items()}
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one thread is faster than two that spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @dataclass
@@ -387,7 +381,7 @@ def test_tiled_decoding_blends_tiles_into_the_whole_image():
     vae = PointwiseVAE()
     z = torch.randn(2, 4, 21, 30, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(_decode_tiled(vae, z, tile=8), vae.decode(z), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode_tiled(vae, z, tile=8), vae.decode(z), rtol=1e-5, atol=1e-5)
 
 
 def test_half_precision_vae_overflow_retries_in_fp32(checkpoint, caplog):

@@ -11,12 +11,14 @@ from parity import assert_rel_close
 
 from diffusion_core.checkpoints.keymaps import unet_from_diffusers, unet_key_pairs, unet_to_diffusers
 from diffusion_core.models.layers import attention
-from diffusion_core.models.unet import (SD2_INPAINT_UNET, SD15_INPAINT_UNET, SD15_UNET, SD21_UNET, TINY_UNET,
-                                        UNetConfig, UNetModel)
+from diffusion_core.models.unet import (SD2_INPAINT_UNET, SD15_INPAINT_UNET, SD15_UNET, SD21_UNET, SDXL_BASE_UNET,
+                                        SDXL_INPAINT_UNET, SDXL_REFINER_UNET, TINY_UNET, UNetConfig, UNetModel)
 
 MAX_REL = 1e-4
 TINY = {"sd1": reference.TINY_SD1_UNET, "sd2": reference.TINY_SD2_UNET, "inpaint": reference.TINY_INPAINT_UNET}
-PRESETS = [SD15_UNET, SD21_UNET, SD15_INPAINT_UNET, SD2_INPAINT_UNET, TINY_UNET]
+PRESETS = [SD15_UNET, SD21_UNET, SD15_INPAINT_UNET, SD2_INPAINT_UNET, TINY_UNET, SDXL_BASE_UNET, SDXL_REFINER_UNET,
+           SDXL_INPAINT_UNET]
+PRESET_IDS = ["sd15", "sd21", "sd15_inpaint", "sd2_inpaint", "tiny", "sdxl_base", "sdxl_refiner", "sdxl_inpaint"]
 
 
 @functools.cache
@@ -70,7 +72,7 @@ def test_state_dict_round_trip(name):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("config", PRESETS, ids=["sd15", "sd21", "sd15_inpaint", "sd2_inpaint", "tiny"])
+@pytest.mark.parametrize("config", PRESETS, ids=PRESET_IDS)
 def test_key_map_covers_every_parameter_of_each_preset(config):
     """Each (diffusers, original) pair names parameters of the same shape, and no parameter is left out."""
     with torch.device("meta"):
@@ -81,7 +83,7 @@ def test_key_map_covers_every_parameter_of_each_preset(config):
     assert all(theirs[d].shape == ours[o].shape for d, o in pairs)
 
 
-@pytest.mark.parametrize("config", PRESETS, ids=["sd15", "sd21", "sd15_inpaint", "sd2_inpaint", "tiny"])
+@pytest.mark.parametrize("config", PRESETS, ids=PRESET_IDS)
 def test_config_round_trips_through_diffusers(config):
     assert UNetConfig.from_diffusers(config.to_diffusers()) == config
 

@@ -25,13 +25,15 @@ def unet_module_pairs(config: UNetConfig) -> list[tuple[str, str]]:
     """(diffusers module, original module) for every UNet module holding weights (LDM openaimodel.py order)."""
     pairs = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
              ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
+    if config.adm_in_channels is not None:  # SDXL's MLP of [pooled text; time ids]
+        pairs += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
 
     def resblock(d: str, o: str) -> None:
         pairs.extend((f"{d}.{dn}", f"{o}.{on}") for dn, on in _UNET_RESBLOCK)
 
     n_levels, per_level = len(config.channel_mult), config.num_res_blocks
     for i in range(n_levels):
-        has_attn = 2 ** i in config.attention_resolutions
+        has_attn = config.has_attention(i)
         for j in range(per_level):
             n = 1 + i * (per_level + 1) + j  # input_blocks.0 is conv_in; each level adds its blocks + a Downsample
             resblock(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0")
@@ -43,7 +45,7 @@ def unet_module_pairs(config: UNetConfig) -> list[tuple[str, str]]:
     pairs.append(("mid_block.attentions.0", "middle_block.1"))
     resblock("mid_block.resnets.1", "middle_block.2")
     for k in range(n_levels):  # up_blocks.0 is the lowest resolution
-        has_attn = 2 ** (n_levels - 1 - k) in config.attention_resolutions
+        has_attn = config.has_attention(n_levels - 1 - k)
         for j in range(per_level + 1):
             n = k * (per_level + 1) + j
             resblock(f"up_blocks.{k}.resnets.{j}", f"output_blocks.{n}.0")

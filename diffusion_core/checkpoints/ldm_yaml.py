@@ -117,10 +117,14 @@ def ldm_yaml_from_config(config: ModelConfig) -> dict[str, Any]:
     u, v, s = config.unet, config.vae, config.scheduler
     if s.get("beta_schedule") != "scaled_linear" or s.get("trained_betas") is not None:
         raise ValueError(f"an LDM yaml states only SD's scaled_linear betas, not {s.get('beta_schedule')!r}")
+    depths = {d for d in u.transformer_depth if d} | {u.transformer_depth_middle}
+    if len(depths) != 1 or u.adm_in_channels is not None:
+        raise ValueError("an LDM yaml states one transformer depth for every level and no added embedding (SDXL's "
+                         "files are read from their weights alone)")
     unet = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
                 attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
                 channel_mult=list(u.channel_mult), use_spatial_transformer=True,
-                use_linear_in_transformer=u.use_linear_in_transformer, transformer_depth=u.transformer_depth,
+                use_linear_in_transformer=u.use_linear_in_transformer, transformer_depth=depths.pop(),
                 context_dim=u.context_dim, legacy=False)
     if u.num_head_channels != -1:
         unet["num_head_channels"] = u.num_head_channels

@@ -1,8 +1,8 @@
 """Load Stable Diffusion checkpoints, original single files and diffusers folders, with no network.
 
-Our modules carry the original LDM names, so a single file loads by stripping its three prefixes
-(`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.*`); a diffusers folder goes
-through the declarative key maps of keymaps.py and text_keys.py. A `.ckpt` is read with
+Our modules carry the original LDM names, so a single file loads by stripping its prefixes
+(`model.diffusion_model.`, `first_stage_model.`, and the text towers' of TEXT_TOWERS); a diffusers folder
+goes through the declarative key maps of keymaps.py and text_keys.py. A `.ckpt` is read with
 `torch.load(weights_only=True)` only: a checkpoint never runs code.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.text_encoder import TextEncoder, TextEncoderConfig
+from ..models.text_encoder import DualTextEncoder, TextEncoder, TextEncoderConfig
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import VAE, VAEConfig
 from ..schedulers import NoiseScheduler, scheduler_class
-from .configs import ModelConfig, config_from_weights
+from .configs import ModelConfig, config_from_weights, sdxl_config_from_weights
 from .keymaps import unet_from_diffusers, vae_from_diffusers
 from .ldm_yaml import config_from_ldm_yaml, ldm_yaml_from_config
 from .text_keys import TRANSFORMERS_PREFIX, text_from_open_clip, text_from_transformers, text_to_transformers
@@ -34,8 +34,27 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.",  # FrozenCLIPEmbedder: transformers' CLIPTextModel
-               "sd2": "cond_stage_model.model."}        # FrozenOpenCLIPEmbedder: open_clip's text tower
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """Where one text tower lives: in our text encoder's state dict, in an original file, and in ModelConfig."""
+
+    module: str   # our key prefix: "" for SD's one encoder, "clip_l." / "clip_g." in SDXL's DualTextEncoder
+    prefix: str   # the original file's key prefix
+    layout: str   # the file's layout: "transformers" (CLIPTextModel) or "open_clip" (its text tower)
+    config: str   # the ModelConfig field that describes it: "text" or "text_2"
+
+
+# Each family's text towers in an original file. LDM's FrozenCLIPEmbedder holds transformers' CLIPTextModel,
+# FrozenOpenCLIPEmbedder open_clip's tower; sgm's GeneralConditioner numbers its embedders in its yaml's order.
+TEXT_TOWERS = {
+    "sd1": (TextTower("", "cond_stage_model.transformer.", "transformers", "text"),),
+    "sd2": (TextTower("", "cond_stage_model.model.", "open_clip", "text"),),
+    "sdxl": (TextTower("clip_l.", "conditioner.embedders.0.transformer.", "transformers", "text"),
+             TextTower("clip_g.", "conditioner.embedders.1.model.", "open_clip", "text_2")),
+    "sdxl_refiner": (TextTower("clip_g.", "conditioner.embedders.0.model.", "open_clip", "text_2"),),
+}
 # LDM's LitEma keeps a copy of each UNet parameter as a buffer named without dots:
 # model.diffusion_model.input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight
 EMA_PREFIX = "model_ema.diffusion_model"
@@ -46,8 +65,10 @@ SAMPLER_OF_CLASS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "PNDMSched
                     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                     "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc"}
 # diffusers folder component -> the classes model_index.json may name for it
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 FOLDER_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
-                  "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"), "scheduler": tuple(SAMPLER_OF_CLASS)}
+                  "tokenizer": _TOKENIZERS, "scheduler": tuple(SAMPLER_OF_CLASS),
+                  "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": _TOKENIZERS}  # the last two: SDXL
 # weight file names in a diffusers folder, most wanted first; "{variant}" is "" or ".fp16"
 FOLDER_WEIGHTS = ("diffusion_pytorch_model{variant}.safetensors", "model{variant}.safetensors",
                   "diffusion_pytorch_model{variant}.bin", "pytorch_model{variant}.bin")
@@ -63,9 +84,14 @@ class Components:
 
     unet: UNetModel
     vae: VAE
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | DualTextEncoder  # SDXL: both CLIP towers (the refiner: bigG alone)
     scheduler: NoiseScheduler
     config: ModelConfig
+
+
+def text_encoder_for(config: ModelConfig) -> TextEncoder | DualTextEncoder:
+    """The text encoder module of a config: one CLIP (SD 1.x / 2.x) or SDXL's two."""
+    return TextEncoder(config.text) if config.text_2 is None else DualTextEncoder(config.text, config.text_2)
 
 
 def load_components(path: str | Path, original_config: str | Path | Mapping | None = None, device: str |
@@ -254,10 +280,12 @@ def _single_file_config(f: WeightsFile, original_config: str | Path | Mapping | 
                         prediction_type: str | None) -> ModelConfig:
     """The architecture from the yaml (given, or beside the file), else recognised from the weights."""
     beside = f.path.with_suffix(".yaml")
+    if family.startswith("sdxl"):
+        return _sdxl_single_file_config(f, original_config, family, prediction_type)
     if original_config is None and beside.is_file():
         logger.info("%s: using the LDM yaml beside it, %s", f.path, beside)
         original_config = beside
-    text_shapes = f.under(TEXT_PREFIX[family])
+    text_shapes = f.under(TEXT_TOWERS[family][0].prefix)
     if original_config is None:
         try:
             config = config_from_weights(f.under(UNET_PREFIX), family, text_shapes, f.global_step, prediction_type)
@@ -273,6 +301,25 @@ def _single_file_config(f: WeightsFile, original_config: str | Path | Mapping | 
     except ValueError as e:
         raise CheckpointError(f"{source} (for {f.path}): {e}") from e
     return replace(config, prediction_type=prediction_type) if prediction_type else config
+
+
+def _sdxl_single_file_config(f: WeightsFile, original_config: str | Path | Mapping | None, family: str,
+                             prediction_type: str | None) -> ModelConfig:
+    """SDXL files carry everything their architecture needs in their shapes; no yaml is read."""
+    if original_config is not None:
+        raise CheckpointError(f"{f.path}: an SDXL file is recognised from its weights; original_config (an LDM yaml) "
+                              f"describes SD 1.x / 2.x only. Use prediction_type= for a v-prediction SDXL model")
+    if f.path.with_suffix(".yaml").is_file():
+        logger.warning("%s: not reading the yaml beside it: SDXL files are recognised from their weights (pass "
+                       "prediction_type='v_prediction' if that yaml says parameterization: v)", f.path)
+    towers = {tower.config: f.under(tower.prefix) for tower in TEXT_TOWERS[family]}
+    try:
+        config = sdxl_config_from_weights(f.under(UNET_PREFIX), f.under(VAE_PREFIX), towers.get("text"),
+                                          towers["text_2"], prediction_type or "epsilon", name=f.path.stem)
+    except ValueError as e:
+        raise CheckpointError(f"{f.path}: {e}") from e
+    logger.info("%s: recognised %s from its weights", f.path, family)
+    return config
 
 
 def _unet_sources(f: WeightsFile, expected: Mapping[str, tuple[int, ...]], use_ema: bool) -> dict[str, str]:
@@ -294,24 +341,30 @@ def _vae_tensor(f: WeightsFile, key: str, expected: tuple[int, ...], dtype: torc
     return tensor[:, :, None, None] if tensor.ndim == 2 and len(expected) == 4 else tensor
 
 
-def _single_file_text(f: WeightsFile, family: str, config: TextEncoderConfig,
+def _single_file_text(f: WeightsFile, family: str, config: ModelConfig,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    prefix = TEXT_PREFIX[family]
-    raw = {k: f.read(prefix + k, dtype) for k in f.under(prefix)}
-    try:
-        return text_from_transformers(raw, config) if family == "sd1" else text_from_open_clip(raw)
-    except ValueError as e:
-        raise CheckpointError(f"{f.path}: text encoder (keys under {prefix!r}): {e}") from e
+    """Every text tower's weights in open_clip's names, under our module prefixes."""
+    out = {}
+    for tower in TEXT_TOWERS[family]:
+        raw = {k: f.read(tower.prefix + k, dtype) for k in f.under(tower.prefix)}
+        tower_config = getattr(config, tower.config)
+        try:
+            tensors = (text_from_transformers(raw, tower_config) if tower.layout == "transformers"
+                       else text_from_open_clip(raw, tower_config))
+        except ValueError as e:
+            raise CheckpointError(f"{f.path}: text encoder (keys under {tower.prefix!r}): {e}") from e
+        out.update({tower.module + k: v for k, v in tensors.items()})
+    return out
 
 
 def _load_single_file(path: Path, original_config: str | Path | Mapping | None, device: torch.device,
                       dtype: torch.dtype, prediction_type: str | None, use_ema: bool) -> Components:
     f = open_weights(path)
-    families = [family for family, prefix in TEXT_PREFIX.items() if f.under(prefix)]
+    families = [family for family, towers in TEXT_TOWERS.items() if all(f.under(t.prefix) for t in towers)]
     if not f.under(UNET_PREFIX) or not f.under(VAE_PREFIX) or len(families) != 1:
-        expected = [UNET_PREFIX, VAE_PREFIX, " or ".join(TEXT_PREFIX.values())]
+        towers = " or ".join(" + ".join(t.prefix for t in towers) for towers in TEXT_TOWERS.values())
         raise CheckpointError(f"{path}: unknown layout: an original SD checkpoint has keys under each of "
-                              f"{expected}; this file's first keys are {sorted(f.shapes)[:5]}")
+                              f"{[UNET_PREFIX, VAE_PREFIX, towers]}; this file's first keys are {sorted(f.shapes)[:5]}")
     family = families[0]
     config = _single_file_config(f, original_config, family, prediction_type)
     if config.prediction_type == "v_prediction":  # SD2-768-v overflows fp16 attention without the upcast
@@ -328,9 +381,10 @@ def _load_single_file(path: Path, original_config: str | Path | Mapping | None, 
     check_keys(f"{path}: VAE (keys under {VAE_PREFIX!r})", expected, found)
     vae = _fill(vae, ((k, _vae_tensor(f, k, s, dtype)) for k, s in expected.items()), device, dtype)
 
-    text_encoder = _empty(TextEncoder, config.text)
-    tensors = _single_file_text(f, family, config.text, dtype)
-    check_keys(f"{path}: text encoder (keys under {TEXT_PREFIX[family]!r}, in open_clip's names)",
+    text_encoder = _empty(text_encoder_for, config)
+    tensors = _single_file_text(f, family, config, dtype)
+    prefixes = " and ".join(repr(t.prefix) for t in TEXT_TOWERS[family])
+    check_keys(f"{path}: text encoder (keys under {prefixes}, in open_clip's names)",
                _expected_shapes(text_encoder), {k: tuple(t.shape) for k, t in tensors.items()})
     text_encoder = _fill(text_encoder, tensors.items(), device, dtype)
     return Components(unet, vae, text_encoder, _scheduler(config), config)
@@ -381,50 +435,80 @@ def _pad_token_id(tokenizer: Path) -> int:
     return vocab[pad]
 
 
+def _declared(index: dict[str, Any], component: str) -> str | None:
+    """The class model_index.json names for a component (None when absent or null, as the refiner's text_encoder)."""
+    return (index.get(component) or [None, None])[1]
+
+
 def _folder_config(folder: Path, prediction_type: str | None) -> ModelConfig:
     index = _read_json(folder / "model_index.json")
-    for component, classes in FOLDER_CLASSES.items():
-        declared = (index.get(component) or [None, None])[1]
-        if declared not in classes:
-            raise CheckpointError(f"{folder / 'model_index.json'}: {component} is {declared!r}; "
-                                  f"supported: {list(classes)}")
+    sdxl = _declared(index, "text_encoder_2") is not None
+    required = ["unet", "vae", "scheduler", *(["text_encoder_2", "tokenizer_2"] if sdxl else []),
+                *(["text_encoder", "tokenizer"] if not sdxl or _declared(index, "text_encoder") else [])]
+    for component in required:
+        if _declared(index, component) not in FOLDER_CLASSES[component]:
+            raise CheckpointError(f"{folder / 'model_index.json'}: {component} is {_declared(index, component)!r}; "
+                                  f"supported: {list(FOLDER_CLASSES[component])}")
     unet_json, vae_json = _read_json(folder / "unet/config.json"), _read_json(folder / "vae/config.json")
-    text_json, scheduler_json = _read_json(folder / "text_encoder/config.json"), \
-        _read_json(folder / "scheduler/scheduler_config.json")
+    scheduler_json = _read_json(folder / "scheduler/scheduler_config.json")
     try:
         unet, vae = UNetConfig.from_diffusers(unet_json), VAEConfig.from_diffusers(vae_json)
-        text = TextEncoderConfig.from_transformers(text_json, _pad_token_id(folder / "tokenizer"))
+        text = text_2 = None
+        if "text_encoder" in required:
+            text = TextEncoderConfig.from_transformers(_read_json(folder / "text_encoder/config.json"),
+                                                       _pad_token_id(folder / "tokenizer"), sdxl=sdxl)
+        if sdxl:  # diffusers' SDXL pipelines: the fp16 VAE upcasts unless its config says not to
+            text_2 = TextEncoderConfig.from_transformers(_read_json(folder / "text_encoder_2/config.json"),
+                                                         _pad_token_id(folder / "tokenizer_2"), sdxl=True,
+                                                         projection=True)
+            vae = replace(vae, force_upcast=vae_json.get("force_upcast", True))
+            if index.get("requires_aesthetics_score", False) != (text is None):
+                raise CheckpointError(f"{folder / 'model_index.json'}: requires_aesthetics_score is "
+                                      f"{index.get('requires_aesthetics_score')}, but only a refiner (no text_encoder) "
+                                      f"is conditioned on an aesthetic score")
         scheduler = {k: v for k, v in scheduler_json.items() if not k.startswith("_")}
         return ModelConfig(name=folder.name, unet=unet, vae=vae, text=text,
                            prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
                            native_size=unet_json.get("sample_size", 64) * 2 ** (len(vae.ch_mult) - 1),
-                           scheduler=scheduler, scheduler_name=SAMPLER_OF_CLASS[scheduler_json["_class_name"]])
+                           scheduler=scheduler, scheduler_name=SAMPLER_OF_CLASS[scheduler_json["_class_name"]],
+                           default_guidance=5.0 if sdxl else 7.5, text_2=text_2,
+                           force_zeros_for_empty_prompt=sdxl and index.get("force_zeros_for_empty_prompt", True))
     except CheckpointError:
         raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: {type(e).__name__}: {e}") from e
 
 
+# diffusers folder component holding each of our text modules' weights
+FOLDER_TEXT = {"": ("text_encoder", "text"), "clip_l.": ("text_encoder", "text"), "clip_g.": ("text_encoder_2", "text_2")}
+
+
 def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, prediction_type: str | None) -> Components:
     config = _folder_config(folder, prediction_type)
     if config.prediction_type == "v_prediction":
         config = replace(config, unet=replace(config.unet, upcast_attention=True))
+    modules = [name for name in (("clip_l.", "clip_g.") if config.text_2 else ("",))
+               if getattr(config, FOLDER_TEXT[name][1]) is not None]
     try:
         unet_weights = unet_from_diffusers(_folder_weights(folder / "unet", dtype), config.unet)
         vae_weights = vae_from_diffusers(_folder_weights(folder / "vae", dtype), config.vae)
-        text_weights = text_from_transformers(_folder_weights(folder / "text_encoder", dtype), config.text)
+        text_weights = {}
+        for module in modules:
+            part, field = FOLDER_TEXT[module]
+            tensors = text_from_transformers(_folder_weights(folder / part, dtype), getattr(config, field))
+            text_weights.update({module + k: v for k, v in tensors.items()})
     except CheckpointError:
         raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
-    modules = []
+    built = []
     for module_class, module_config, weights, part in ((UNetModel, config.unet, unet_weights, "unet"),
-                                                        (VAE, config.vae, vae_weights, "vae"),
-                                                        (TextEncoder, config.text, text_weights, "text_encoder")):
+                                                       (VAE, config.vae, vae_weights, "vae"),
+                                                       (text_encoder_for, config, text_weights, "text encoder")):
         module = _empty(module_class, module_config)
-        check_keys(f"{folder / part}", _expected_shapes(module), {k: tuple(t.shape) for k, t in weights.items()})
-        modules.append(_fill(module, weights.items(), device, dtype))
-    return Components(*modules, _scheduler(config), config)
+        check_keys(f"{folder}: {part}", _expected_shapes(module), {k: tuple(t.shape) for k, t in weights.items()})
+        built.append(_fill(module, weights.items(), device, dtype))
+    return Components(*built, _scheduler(config), config)
 
 
 # ---------------------------------------------------------------- writing single files
@@ -435,12 +519,14 @@ def original_state_dict(components: Components) -> dict[str, torch.Tensor]:
     config = components.config
     state = {UNET_PREFIX + k: v for k, v in components.unet.state_dict().items()}
     state.update({VAE_PREFIX + k: v for k, v in components.vae.state_dict().items()})
-    text = components.text_encoder.state_dict()
-    prefix = TEXT_PREFIX[config.family]
-    if config.family == "sd1":  # SD1 files hold transformers' CLIPTextModel as transformers 4 named it
-        text = text_to_transformers(text, config.text, prefix=TRANSFORMERS_PREFIX)
-        text[TRANSFORMERS_PREFIX + "embeddings.position_ids"] = torch.arange(config.text.context_length)[None]
-    state.update({prefix + k: v for k, v in text.items()})
+    ours = components.text_encoder.state_dict()
+    for tower in TEXT_TOWERS[config.family]:
+        text = {k[len(tower.module):]: v for k, v in ours.items() if k.startswith(tower.module)}
+        if tower.layout == "transformers":  # LDM files hold CLIPTextModel as transformers 4 named it
+            tower_config = getattr(config, tower.config)
+            text = text_to_transformers(text, tower_config, prefix=TRANSFORMERS_PREFIX)
+            text[TRANSFORMERS_PREFIX + "embeddings.position_ids"] = torch.arange(tower_config.context_length)[None]
+        state.update({tower.prefix + k: v for k, v in text.items()})
     return state
 
 
@@ -450,18 +536,45 @@ def save_single_file(components: Components, path: str | Path, dtype: torch.dtyp
 
     Args:
         dtype: cast the weights (e.g. torch.float16 halves the file); None keeps them as they are.
-        write_yaml: also write `<stem>.yaml`, the LDM config load_components reads beside the file, so
-            the architecture and prediction type survive the round trip.
+        write_yaml: SD 1.x / 2.x: also write `<stem>.yaml`, the LDM config load_components reads beside the
+            file, so the architecture and prediction type survive the round trip. SDXL files need none: their
+            architecture is checked to read back from the weights, and what they cannot carry is logged.
     """
     path = Path(path)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"{path}: a single file ends in {' or '.join(SINGLE_FILE_SUFFIXES)}")
-    original = ldm_yaml_from_config(components.config) if write_yaml else None
+    config = components.config
+    sdxl = config.family.startswith("sdxl")
+    original = ldm_yaml_from_config(config) if write_yaml and not sdxl else None
+    state = original_state_dict(components)
+    if sdxl:
+        _check_sdxl_round_trip(state, config, path)
     state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
-             for k, v in original_state_dict(components).items()}
+             for k, v in state.items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state}, path)
     if original is not None:
         path.with_suffix(".yaml").write_text(yaml.safe_dump(original, sort_keys=False))
+
+
+def _check_sdxl_round_trip(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    """Refuse an SDXL architecture its weights cannot describe; name the settings a reader must give again."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    under = {prefix: {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+             for prefix in (UNET_PREFIX, VAE_PREFIX, *(t.prefix for t in TEXT_TOWERS[config.family]))}
+    towers = {t.config: under[t.prefix] for t in TEXT_TOWERS[config.family]}
+    read = sdxl_config_from_weights(under[UNET_PREFIX], under[VAE_PREFIX], towers.get("text"), towers["text_2"],
+                                    config.prediction_type)
+    unet = replace(config.unet, upcast_attention=False)
+    vae = replace(config.vae, scaling_factor=read.vae.scaling_factor, force_upcast=read.vae.force_upcast)
+    if (read.unet, read.vae, read.text, read.text_2) != (unet, vae, config.text, config.text_2):
+        raise ValueError(f"{path}: an SDXL single file carries no config, and this architecture would not read back "
+                         f"from its weights (SDXL files have 64-channel heads and 32 GroupNorm groups)")
+    lost = {name: value for name, value, default in (
+        ("prediction_type", config.prediction_type, "epsilon"),
+        ("VAE scaling_factor", config.vae.scaling_factor, read.vae.scaling_factor),
+        ("scheduler", config.scheduler, read.scheduler)) if value != default}
+    if lost:
+        logger.warning("%s: an SDXL file does not record %s; whoever loads it must set them again", path, lost)

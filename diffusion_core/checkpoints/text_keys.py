@@ -1,6 +1,7 @@
 """Key map between transformers' CLIPTextModel layout (SD1 files, diffusers folders) and open_clip's (SD2 files).
 
-One table; the only computation is nn.MultiheadAttention's fused in_proj = [q; k; v] (Vaswani et al. 2017, §3.2.2).
+One table; the only computations are nn.MultiheadAttention's fused in_proj = [q; k; v] (Vaswani et al. 2017,
+§3.2.2) and the text projection, which open_clip applies as x @ P and transformers as a Linear with weight Pᵀ.
 """
 from __future__ import annotations
 
@@ -31,11 +32,16 @@ TRANSFORMERS_PREFIX = "text_model."
 # serve CLIP's image-text loss, not SD.
 IGNORED_TRANSFORMERS_KEYS = ("embeddings.position_ids",)
 IGNORED_OPEN_CLIP_KEYS = ("text_projection", "logit_scale")
+# SDXL's bigG gives a pooled embedding through its projection (CLIPTextModelWithProjection keeps it outside
+# `text_model.`); it is transposed on the way across.
+PROJECTION_KEYS = ("text_projection", "text_projection.weight")
 
 
 def text_key_map(config: TextEncoderConfig) -> dict[str, tuple[str, ...]]:
     """Every open_clip key of a text encoder with `config.layers` blocks -> its transformers key(s)."""
     key_map = dict(GLOBAL_KEYS)
+    if config.projection_dim is not None:
+        key_map[PROJECTION_KEYS[0]] = (PROJECTION_KEYS[1],)
     for i in range(config.layers):
         for ours, theirs in LAYER_KEYS.items():
             for p in ("weight", "bias"):
@@ -61,6 +67,8 @@ def text_from_transformers(state_dict: dict[str, torch.Tensor], config: TextEnco
     out = {}
     for ours, theirs in text_key_map(config).items():
         out[ours] = sd.pop(theirs[0]) if len(theirs) == 1 else torch.cat([sd.pop(t) for t in theirs])  # [q; k; v]
+    if config.projection_dim is not None:
+        out[PROJECTION_KEYS[0]] = out[PROJECTION_KEYS[0]].T  # Linear weight (proj, width) -> open_clip's (width, proj)
     _check_consumed(sd, "transformers")
     return out
 
@@ -72,12 +80,16 @@ def text_to_transformers(state_dict: dict[str, torch.Tensor], config: TextEncode
     Args:
         prefix: "" for transformers 5, TRANSFORMERS_PREFIX for older files (SD1 single files, old folders).
     """
-    sd = {k: v for k, v in state_dict.items() if k not in IGNORED_OPEN_CLIP_KEYS}
+    kept = PROJECTION_KEYS[:1] if config.projection_dim is not None else ()
+    sd = {k: v for k, v in state_dict.items() if k not in IGNORED_OPEN_CLIP_KEYS or k in kept}
     out = {}
     for ours, theirs in text_key_map(config).items():
         if ours not in sd:
             raise ValueError(f"CLIP text encoder with {config.layers} layers expects key {ours!r}, missing here")
         tensor = sd.pop(ours)
+        if ours == PROJECTION_KEYS[0]:
+            out[theirs[0]] = tensor.T.contiguous()  # outside `text_model.`, as CLIPTextModelWithProjection has it
+            continue
         if len(theirs) == 1:
             out[prefix + theirs[0]] = tensor
         else:  # clones, not views of one storage, so that safetensors can save them
@@ -86,6 +98,10 @@ def text_to_transformers(state_dict: dict[str, torch.Tensor], config: TextEncode
     return out
 
 
-def text_from_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An SD2 file's `cond_stage_model.model.*` weights (prefix stripped) without the keys SD never reads."""
-    return {k: v for k, v in state_dict.items() if k not in IGNORED_OPEN_CLIP_KEYS}
+def text_from_open_clip(state_dict: dict[str, torch.Tensor],
+                        config: TextEncoderConfig | None = None) -> dict[str, torch.Tensor]:
+    """An open_clip text tower's weights (SD2's `cond_stage_model.model.*`, SDXL's `conditioner.embedders.*.model.*`,
+    prefix stripped) without the keys it never reads: the projection unless it gives a pooled output, the
+    temperature always."""
+    kept = PROJECTION_KEYS[:1] if config is not None and config.projection_dim is not None else ()
+    return {k: v for k, v in state_dict.items() if k not in IGNORED_OPEN_CLIP_KEYS or k in kept}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import regex
 import torch
@@ -31,6 +31,8 @@ class TextEncoderConfig:
     pad_token_id: int = 49407  # fills the prompt after EOS: <|endoftext|> 49407 for SD1, "!" 0 for SD2
     vocab_size: int = 49408  # CLIP BPE vocabulary, <|startoftext|> and <|endoftext|> included
     context_length: int = 77  # tokens per prompt, BOS and EOS included
+    final_norm: bool = True  # ln_final on the context: SD1/SD2 yes, SDXL no (it reads the raw penultimate layer)
+    projection_dim: int | None = None  # SDXL's bigG: the pooled output ln_final(last layer)[EOS] @ text_projection
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -41,19 +43,23 @@ class TextEncoderConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
     @classmethod
-    def from_transformers(cls, config: dict, pad_token_id: int) -> TextEncoderConfig:
+    def from_transformers(cls, config: dict, pad_token_id: int, sdxl: bool = False,
+                          projection: bool = False) -> TextEncoderConfig:
         """The config of a diffusers folder's `text_encoder/config.json` (transformers' CLIPTextConfig).
 
-        Such folders realise SD2's penultimate layer by storing 23 of ViT-H's 24 layers, so the last stored
-        layer is always the one read. The pad token lives in the tokenizer folder, hence the argument.
+        SD folders realise SD2's penultimate layer by storing 23 of ViT-H's 24 layers, so the last stored
+        layer is the one read. SDXL folders store every layer and read the penultimate one without the final
+        norm (`sdxl`); a CLIPTextModelWithProjection (`projection`) also gives the pooled output. The pad
+        token lives in the tokenizer folder, hence the argument.
         """
         if config["intermediate_size"] != 4 * config["hidden_size"]:
             raise ValueError(f"intermediate_size {config['intermediate_size']} must be 4 x hidden_size "
                              f"{config['hidden_size']}, as in every CLIP text encoder")
         return cls(width=config["hidden_size"], layers=config["num_hidden_layers"],
-                   heads=config["num_attention_heads"], activation=config["hidden_act"], layer_index=-1,
-                   pad_token_id=pad_token_id, vocab_size=config["vocab_size"],
-                   context_length=config["max_position_embeddings"])
+                   heads=config["num_attention_heads"], activation=config["hidden_act"],
+                   layer_index=-2 if sdxl else -1, pad_token_id=pad_token_id, vocab_size=config["vocab_size"],
+                   context_length=config["max_position_embeddings"], final_norm=not sdxl,
+                   projection_dim=config["projection_dim"] if projection else None)
 
 
 SD1_TEXT = TextEncoderConfig(width=768, layers=12, heads=12)  # OpenAI CLIP ViT-L/14
@@ -61,6 +67,10 @@ SD2_TEXT = TextEncoderConfig(width=1024, layers=24, heads=16, activation="gelu",
                              pad_token_id=0)  # OpenCLIP ViT-H/14
 TINY_SD1_TEXT = TextEncoderConfig(width=64, layers=2, heads=2)
 TINY_SD2_TEXT = TextEncoderConfig(width=64, layers=3, heads=2, activation="gelu", layer_index=-2, pad_token_id=0)
+# SDXL reads both towers at the penultimate layer, before ln_final; bigG also gives the pooled embedding.
+SDXL_CLIP_L = replace(SD1_TEXT, layer_index=-2, final_norm=False)  # OpenAI CLIP ViT-L/14
+SDXL_CLIP_G = TextEncoderConfig(width=1280, layers=32, heads=20, activation="gelu", layer_index=-2, pad_token_id=0,
+                                final_norm=False, projection_dim=1280)  # OpenCLIP ViT-bigG/14
 
 
 # transformers' CLIPTokenizer pre-tokenizer (CLIP's, with its own special-token names): words, digits, punctuation.
@@ -103,7 +113,8 @@ def prompt_ids(prompt: str, pad_token_id: int) -> list[int]:
 
 
 class TextEncoder(nn.Module):
-    """CLIP's causal text transformer, read at `config.layer_index` then layer-normed (SD's FrozenCLIPEmbedder)."""
+    """CLIP's causal text transformer, read at `config.layer_index` then layer-normed (SD's FrozenCLIPEmbedder;
+    SDXL reads the raw penultimate layer, and its bigG also gives a pooled embedding)."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -112,6 +123,8 @@ class TextEncoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.width).normal_(std=0.01))
         self.transformer = Transformer(c.width, c.layers, c.heads, act_layer=ACTIVATIONS[c.activation])
         self.ln_final = LayerNorm(c.width)
+        if c.projection_dim is not None:  # open_clip's (width, embed_dim) matrix, applied as x @ text_projection
+            self.text_projection = nn.Parameter(torch.empty(c.width, c.projection_dim).normal_(std=c.width ** -0.5))
 
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
         """BOS, BPE tokens, EOS, then pad: (B, 77) ids, equal to transformers' CLIPTokenizer.
@@ -133,15 +146,59 @@ class TextEncoder(nn.Module):
         Args:
             prompts: prompt strings, or token ids (B, 77) from `tokenize`.
         """
-        n = self.config.context_length
+        return self.encode(prompts)[0]
+
+    def encode(self, prompts: str | list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (B, 77, width), pooled (B, projection_dim) or None when the tower has no projection)."""
+        c, n = self.config, self.config.context_length
         tokens = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
         if tokens.dtype != torch.long or tokens.shape[1:] != (n,):
             raise ValueError(f"token ids must be int64 of shape (B, {n}), got {tokens.dtype} {tuple(tokens.shape)}")
+        tokens = tokens.to(self.positional_embedding.device)
         # Positions are always 0..76: checkpoints' position_ids (int, float or absent) are never read.
-        x = self.token_embedding(tokens.to(self.positional_embedding.device)) + self.positional_embedding  # (B, 77, D)
+        x = self.token_embedding(tokens) + self.positional_embedding  # (B, 77, D)
         # Causal mask: token i attends to tokens 0..i only, as CLIP was trained. Built here rather than kept as a
         # buffer, so an encoder made on the meta device loads with load_state_dict(assign=True).
         mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        for block in self.transformer.resblocks[: self.config.layers + self.config.layer_index + 1]:
+        read_at = c.layers + c.layer_index + 1  # blocks run before the context is read
+        pooled = None
+        for i, block in enumerate(self.transformer.resblocks[: c.layers if c.projection_dim else read_at]):
             x = block(x, attn_mask=mask)
-        return self.ln_final(x)
+            if i + 1 == read_at:
+                context = self.ln_final(x) if c.final_norm else x
+        if c.projection_dim is not None:  # CLIP's text feature: the final-normed state at the (first) EOS token
+            eos = (tokens == _bpe().eot_token_id).int().argmax(dim=1)  # (B,)
+            pooled = self.ln_final(x)[torch.arange(len(x), device=x.device), eos] @ self.text_projection
+        return context, pooled
+
+
+class DualTextEncoder(nn.Module):
+    """SDXL's text conditioning: OpenAI CLIP ViT-L and OpenCLIP ViT-bigG, their penultimate layers concatenated
+    (768 + 1280 = 2048 per token) and bigG's pooled embedding (Podell et al. 2023, §2.1). The refiner has bigG only.
+    """
+
+    def __init__(self, clip_l: TextEncoderConfig | None, clip_g: TextEncoderConfig):
+        super().__init__()
+        if clip_g.projection_dim is None:
+            raise ValueError("SDXL's second text encoder needs projection_dim: it gives the pooled embedding")
+        self.clip_l = TextEncoder(clip_l) if clip_l is not None else None
+        self.clip_g = TextEncoder(clip_g)
+
+    def forward(self, prompts: str | list[str], prompts_2: str | list[str] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, 77, 2048), pooled (B, 1280)); the refiner's context is bigG's alone, (B, 77, 1280).
+
+        Args:
+            prompts: the text for CLIP ViT-L (and, on the refiner, for bigG, as diffusers reads it).
+            prompts_2: the text for bigG; None = prompts.
+        """
+        if self.clip_l is None:
+            if prompts_2 is not None and prompts_2 != prompts:
+                raise ValueError("the refiner has one text encoder (bigG), which reads `prompts`; prompts_2 has "
+                                 "nowhere to go")
+            return self.clip_g.encode(prompts)
+        context_l, _ = self.clip_l.encode(prompts)
+        context_g, pooled = self.clip_g.encode(prompts if prompts_2 is None else prompts_2)
+        if len(context_l) != len(context_g):
+            raise ValueError(f"prompts and prompts_2 must be as many, got {len(context_l)} and {len(context_g)}")
+        return torch.cat([context_l, context_g], dim=-1), pooled  # (B, 77, 768 + 1280)

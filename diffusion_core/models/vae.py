@@ -25,6 +25,7 @@ class VAEConfig:
     out_ch: int = 3                        # image channels out
     scaling_factor: float = 0.18215        # latents × this have about unit variance for the diffusion model
     norm_groups: int = 32                  # GroupNorm groups everywhere (LDM hard-codes 32)
+    force_upcast: bool = False             # SDXL: its fp16 activations overflow, so it always runs in fp32
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # yaml gives a list
@@ -65,6 +66,8 @@ _DIFFUSERS_FIXED = {"act_fn": "silu", "shift_factor": None, "use_quant_conv": Tr
                     "mid_block_add_attention": True}
 
 SD_VAE = VAEConfig()  # the kl-f8 autoencoder shared by SD 1.x and 2.x
+# SDXL's retrained kl-f8: the same architecture, latents of another scale (Podell et al. 2023, §2.4)
+SDXL_VAE = VAEConfig(scaling_factor=0.13025, force_upcast=True)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # small enough for CPU tests; downsamples 4x
 
 

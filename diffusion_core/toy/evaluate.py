@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from ..images import make_grid
-from ..pipeline import DiffusionModel, GenerationConfig
+from ..generation import GenerationConfig
+from ..pipeline import DiffusionModel
 from ..schedulers import SamplerType
 from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .dataset import PALETTE, Scene, held_out_scenes, seen_scenes

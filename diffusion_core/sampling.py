@@ -1,0 +1,127 @@
+"""The sampling loop: one `denoise` for SD 1.x, SD 2.x and SDXL, and the `Conditioning` it hands the UNet.
+
+The reverse process (Rombach et al. 2022, §3.3) asks the UNet for ε (or v) at each timestep, steers it with
+classifier-free guidance (Ho & Salimans 2022) and lets the scheduler take one step. What differs between
+model families is only what the UNet sees besides x_t and t, and that travels in `Conditioning`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .guidance import classifier_free_guidance, is_guided
+from .schedulers import NoiseScheduler
+
+# callback(step_index, t, x, pred_x0): x is the sample after the step, pred_x0 the model's x̂0 at t
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Conditioning:
+    """What the UNet sees besides x_t and t: one row per UNet batch item, [negative; positive] when guided."""
+
+    context: torch.Tensor                      # (B, 77, D) text-encoder states the cross-attention reads
+    text_embeds: torch.Tensor | None = None    # SDXL: (B, 1280) pooled text embedding
+    time_ids: torch.Tensor | None = None       # SDXL: (B, 6) size and crop ids; the refiner's (B, 5) end in a score
+    inpainting: torch.Tensor | None = None     # 9-channel inpainting: (B, 5, h, w) = [mask, masked-image latents]
+
+    @classmethod
+    def guided(cls, negative: Conditioning, positive: Conditioning) -> Conditioning:
+        """The batch classifier-free guidance runs: [negative; positive] along the batch for every field."""
+        return cls(**{f.name: None if getattr(positive, f.name) is None else
+                      torch.cat([getattr(negative, f.name), getattr(positive, f.name)]) for f in fields(cls)})
+
+    def added(self) -> dict[str, torch.Tensor]:
+        """SDXL's added conditions, as diffusers' `added_cond_kwargs`: empty for SD 1.x / 2.x."""
+        return {} if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+
+
+@dataclass
+class InpaintingLatents:
+    """What 4-channel inpainting pastes back outside the mask after every step (diffusers' StableDiffusionInpaint)."""
+
+    mask: torch.Tensor           # (B, 1, h, w): 1 = repaint, 0 = keep
+    image_latents: torch.Tensor  # (B, 4, h, w): latents of the whole image
+    noise: torch.Tensor          # (B, 4, h, w): the noise x_T was made with
+
+
+@torch.no_grad()
+def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor, conditioning: Conditioning,
+            timesteps: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
+            generator: torch.Generator | list[torch.Generator] | None = None,
+            inpainting: InpaintingLatents | None = None, callback: StepCallback | None = None,
+            progress: bool = True) -> torch.Tensor:
+    """Run the reverse process from `latents` = x_T (or a noised image) down to x_0 (LDM §3.3; Ho & Salimans 2022).
+
+    Args:
+        unet: ε_θ(x_t, t, c), or v_θ; the scheduler knows which.
+        scheduler: set_timesteps already called; it turns each prediction into the next sample.
+        latents: x at timesteps[0], (B, 4, h, w), already scaled by scheduler.init_noise_sigma.
+        conditioning: what the UNet sees besides x_t and t, 2B rows [negative; positive] when guided.
+        timesteps: the timesteps to visit, usually scheduler.timesteps (a tail of it for image-to-image).
+        guidance_scale: s of classifier-free guidance; <= 1 runs the conditional pass only.
+        guidance_rescale: φ of Lin et al. 2023 §3.4; 0 is plain guidance.
+        generator: the noise source of stochastic samplers (one per image, or one for the batch).
+        inpainting: for a 4-channel UNet, the image re-noised to each step is pasted back outside the mask.
+        callback: called after each step with (step index, t, x after the step, x̂0 predicted at t).
+        progress: show a tqdm bar.
+    """
+    guided = is_guided(guidance_scale)
+    for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
+        # both halves of the guided batch start from the same x_t; only their conditioning differs
+        x_in = torch.cat([latents] * 2) if guided else latents
+        x_in = scheduler.scale_model_input(x_in, t)
+        if conditioning.inpainting is not None:
+            x_in = torch.cat([x_in, conditioning.inpainting], dim=1)  # (B', 9, h, w)
+        prediction = unet(x_in, t, conditioning.context, **conditioning.added())
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
+        step = scheduler.step(prediction, t, latents, generator=generator)
+        latents = step.prev_sample
+        if inpainting is not None:
+            latents = _keep_outside_mask(latents, inpainting, scheduler, timesteps, i)
+        if callback is not None:
+            callback(i, t, latents, step.pred_original_sample)
+    return latents
+
+
+def _keep_outside_mask(latents: torch.Tensor, inpainting: InpaintingLatents, scheduler: NoiseScheduler,
+                       timesteps: torch.Tensor, i: int) -> torch.Tensor:
+    """4-channel inpainting, RePaint eq. 8 without resampling (Lugmayr et al. 2022, arXiv:2201.09865), in latent
+    space as diffusers does: outside the mask the original image noised to the next timestep (with the noise
+    x_T was made with), inside the sample."""
+    known = inpainting.image_latents
+    if i < len(timesteps) - 1:
+        known = scheduler.add_noise(known, inpainting.noise, timesteps[i + 1:i + 2])
+    return (1 - inpainting.mask) * known + inpainting.mask * latents
+
+
+def timesteps_for_strength(scheduler: NoiseScheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
+    """The last int(n·strength) steps of the schedule: image-to-image starts part-way down (SDEdit, Meng et al. 2021)."""
+    init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - init_steps, 0)
+    return scheduler.timesteps[start * scheduler.order:]
+
+
+def handover_timestep(scheduler: NoiseScheduler, switch_at: float) -> int:
+    """The training timestep round(T·(1 - f)) where the ensemble of experts hands over (eDiff-I, Balaji et al.
+    2022; SDXL §2.5): the base denoises t >= it, the refiner the timesteps below it (diffusers' denoising_end/start)."""
+    T = scheduler.config.num_train_timesteps
+    return int(round(T - switch_at * T))
+
+
+def timesteps_before_handover(scheduler: NoiseScheduler, timesteps: torch.Tensor, switch_at: float) -> torch.Tensor:
+    """The base's share of `timesteps`: those at or above the handover timestep."""
+    return timesteps[:int((timesteps >= handover_timestep(scheduler, switch_at)).sum())]
+
+
+def timesteps_after_handover(scheduler: NoiseScheduler, switch_at: float) -> torch.Tensor:
+    """The refiner's share of its own schedule: the timesteps below the handover timestep (our samplers are all
+    of order 1; diffusers adds a step for second-order ones)."""
+    n = int((scheduler.timesteps < handover_timestep(scheduler, switch_at)).sum())
+    return scheduler.timesteps[len(scheduler.timesteps) - n:]
