@@ -80,14 +80,16 @@ def child(loader: str, path: str, folder: str) -> None:
     if loader == "ours":
         from diffusion_core.checkpoints.loader import load_components
 
-        def load():
-            return load_components(path)
+        measured_load(lambda: load_components(path))
     else:
         from diffusers import StableDiffusionPipeline
 
-        def load():
-            return StableDiffusionPipeline.from_single_file(path, config=folder, local_files_only=True,
-                                                            torch_dtype=torch.float32, safety_checker=None)
+        measured_load(lambda: StableDiffusionPipeline.from_single_file(
+            path, config=folder, local_files_only=True, torch_dtype=torch.float32, safety_checker=None))
+
+
+def measured_load(load) -> None:
+    """Print, as JSON, how long `load()` takes and the peak resident memory it adds to this process."""
     before = resident_bytes()
     start = time.perf_counter()
     loaded = load()
@@ -96,10 +98,26 @@ def child(loader: str, path: str, folder: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_added": peak - before, "loaded": type(loaded).__name__}))
 
 
-def measure(loader: str, path: Path, folder: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", loader, str(path), str(folder)], check=True,
-                         capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def best_of_fresh_processes(script: str, path: Path, folder: Path, repeats: int) -> dict[str, dict]:
+    """Each loader's best time and peak over `repeats` runs of `script --child LOADER PATH FOLDER`, alternated so
+    that neither profits from a warmer page cache."""
+    runs = {"ours": [], "diffusers": []}
+    for _ in range(repeats):
+        for loader, measured in runs.items():
+            out = subprocess.run([sys.executable, script, "--child", loader, str(path), str(folder)], check=True,
+                                 capture_output=True, text=True, cwd=ROOT)
+            measured.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {loader: {key: min(r[key] for r in measured) for key in ("seconds", "peak_added")}
+            for loader, measured in runs.items()}
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print(f"{'loader':10} {'load s':>8} {'peak RAM added GiB':>19}")
+    for loader, r in results.items():
+        print(f"{loader:10} {r['seconds']:8.2f} {r['peak_added'] / 2**30:19.2f}")
+    ours, theirs = results["ours"], results["diffusers"]
+    print(f"{'ratio':10} {ours['seconds'] / theirs['seconds']:8.2f} "
+          f"{ours['peak_added'] / theirs['peak_added']:19.2f}   (ours / diffusers)")
 
 
 def main() -> None:
@@ -120,18 +138,7 @@ def main() -> None:
         import diffusers
         print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads; "
               f"{path.stat().st_size / 2**30:.2f} GiB fp16 file -> fp32 models; best of {args.repeats} fresh processes")
-        runs = {"ours": [], "diffusers": []}
-        for _ in range(args.repeats):  # alternate, so that neither profits from a warmer page cache
-            for loader, measured in runs.items():
-                measured.append(measure(loader, path, folder))
-        results = {loader: {key: min(r[key] for r in measured) for key in ("seconds", "peak_added")}
-                   for loader, measured in runs.items()}
-        print(f"{'loader':10} {'load s':>8} {'peak RAM added GiB':>19}")
-        for loader, r in results.items():
-            print(f"{loader:10} {r['seconds']:8.2f} {r['peak_added'] / 2**30:19.2f}")
-        ours, theirs = results["ours"], results["diffusers"]
-        print(f"{'ratio':10} {ours['seconds'] / theirs['seconds']:8.2f} "
-              f"{ours['peak_added'] / theirs['peak_added']:19.2f}   (ours / diffusers)")
+        print_table(best_of_fresh_processes(__file__, path, folder, args.repeats))
 
 
 if __name__ == "__main__":

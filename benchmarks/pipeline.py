@@ -108,16 +108,17 @@ def measure(run, device: torch.device, repeats: int) -> Measure:
 
 
 def compare(label: str, ours: DiffusionModel, pipe: StableDiffusionPipeline, size: int, steps: int, batch: int,
-            repeats: int, fast: DiffusionModel | None = None) -> list[str]:
-    """Time both (and the fast path) on the same seeds; return markdown table rows."""
+            repeats: int, fast: DiffusionModel | None = None, guidance: float = 7.5) -> list[str]:
+    """Time both (and the fast path) on the same seeds; return markdown table rows. `pipe` may be any diffusers
+    text-to-image pipeline taking SD's arguments (SDXL's does)."""
     device = ours.device
     configs = [GenerationConfig(PROMPT, negative_prompt=NEGATIVE, width=size, height=size, num_inference_steps=steps,
-                                guidance_scale=7.5, seed=i) for i in range(batch)]
+                                guidance_scale=guidance, seed=i) for i in range(batch)]
 
     def run_diffusers():
         generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
         return pipe([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, width=size, height=size,
-                    num_inference_steps=steps, guidance_scale=7.5, generator=generators).images
+                    num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
 
     def runner(model: DiffusionModel):
         return lambda: [r.image for r in model.generate_batch(configs, progress=False)]

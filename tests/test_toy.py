@@ -13,6 +13,9 @@ from diffusion_core.toy.dataset import (PALETTE, SHAPES, Scene, all_scenes, held
                                         parse_caption, render, seen_scenes)
 from diffusion_core.toy.evaluate import detect, sample_images
 from diffusion_core.toy.train import TrainConfig, train
+from diffusion_core.toy.xl import (MAX_CROP, TOY_XL_CLIP_G, TOY_XL_UNET, XL_WEIGHTS, XLTrainConfig, crop_effect,
+                                   cropped_batch, load_toy_xl)
+from diffusion_core.toy.xl import train as train_xl
 
 
 def test_scenes_and_held_out_split():
@@ -83,3 +86,38 @@ def test_bundled_model_draws_what_the_prompt_says():
     right = [detect(image).matches(scene) for image, scene in zip(images, seen + held)]
     assert sum(right[: len(seen)]) >= 9, right
     assert sum(right) >= 12, right
+
+
+# ---------------------------------------------------------------- the SDXL-architecture model (toy/xl.py)
+
+
+def test_cropped_batches_are_windows_told_their_crop():
+    images, captions, crops = cropped_batch(seed=3, index=2, batch_size=32)
+    again = cropped_batch(seed=3, index=2, batch_size=32)
+    torch.testing.assert_close(images, again[0], rtol=0, atol=0)
+    assert captions == again[1] and crops == again[2]
+    whole, _ = make_batch(seen_scenes(), seed=3, index=2, batch_size=32)
+    for image, original, crop in zip(images, whole, crops):
+        if crop == (0, 0):  # uncropped: exactly the bundled model's data
+            assert torch.equal(image, original)
+        else:
+            assert all(4 <= c <= MAX_CROP and c % 4 == 0 for c in crop)
+    assert 8 <= sum(crop != (0, 0) for crop in crops) <= 24  # about half are crops
+
+
+def test_short_xl_training_run_exports_an_sdxl_file(tmp_path):
+    path = train_xl(XLTrainConfig(pool_size=64, unet_steps=10, unet_batch=4, warmup_steps=2), tmp_path)
+    model = DiffusionModel(load_toy_xl(path=path))
+    assert model.config.family == "sdxl" and model.config.prediction_type == "v_prediction"
+    assert model.config.unet == TOY_XL_UNET and model.config.text_2 == TOY_XL_CLIP_G
+    assert model.vae.scaling_factor == DiffusionModel().vae.scaling_factor  # the bundled model's VAE
+    assert (tmp_path / "training_curve_xl.png").is_file()
+
+
+def test_shipped_xl_model_learnt_the_crop_condition():
+    """A floor well under the measured effect (docs/toy-model.md), on 12 seen prompts."""
+    model = DiffusionModel(load_toy_xl())
+    whole, cut = crop_effect(model, seeds=(0,), split="seen", every=4)
+    assert cut.cut - whole.cut >= 4, (whole, cut)
+    assert whole.colours >= 10 and cut.colours >= 10, (whole, cut)
+    assert XL_WEIGHTS.stat().st_size <= 30 * 2**20

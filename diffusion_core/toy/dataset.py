@@ -72,14 +72,15 @@ def parse_caption(caption: str) -> Scene:
     return Scene(words[1], words[2], words[5])
 
 
-def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Draw one 64x64 image of `scene`; size, position, colour jitter and pixel noise come from `rng`."""
-    side = int(rng.integers(SHAPE_SIZE[0], SHAPE_SIZE[1] + 1))
-    x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - side + 1, size=2))
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw one image of `scene`, 64x64 by default (a larger canvas scales the shape with it); size, position,
+    colour jitter and pixel noise come from `rng`."""
+    side = int(rng.integers(SHAPE_SIZE[0] * size // IMAGE_SIZE, SHAPE_SIZE[1] * size // IMAGE_SIZE + 1))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     fg = _jitter(PALETTE[scene.colour], rng)
     bg = _jitter(PALETTE[scene.background], rng)
     k = SUPERSAMPLE
-    image = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), bg)
+    image = Image.new("RGB", (size * k, size * k), bg)
     draw = ImageDraw.Draw(image)
     box = (x0 * k, y0 * k, (x0 + side) * k - 1, (y0 + side) * k - 1)  # inclusive pixel corners
     if scene.shape == "circle":
@@ -88,8 +89,8 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
         draw.rectangle(box, fill=fg)
     else:  # upright isosceles triangle: apex at the top middle, base along the bottom of the box
         draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fg)
-    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, PIXEL_NOISE, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    image = image.resize((size, size), Image.Resampling.BOX)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, PIXEL_NOISE, (size, size, 3))
     return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
 

@@ -201,25 +201,38 @@ def decoder_step(vae: VAE, opt: torch.optim.Optimizer, c: TrainConfig, step: int
     return loss.item()
 
 
+def pool_latents(means: torch.Tensor, stds: torch.Tensor, batch: int, scaling_factor: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random picks of the encoded pool and their latents z ~ q(z|x), scaled to unit variance."""
+    picks = torch.randint(0, len(means), (batch,), generator=generator)
+    z0 = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scaling_factor
+    return picks, z0
+
+
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, c: TrainConfig,
+             ema_pairs: tuple[tuple[torch.nn.Module, torch.nn.Module], ...]) -> float:
+    """One AdamW step at the warmup-cosine learning rate, gradients clipped to norm 1, then each (EMA, model)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, c)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
+    opt.step()
+    decay = min(c.ema_decay, (1 + step) / (10 + step))
+    for ema, model in ema_pairs:
+        ema_update(ema, model, decay)
+    return loss.item()
+
+
 def unet_step(unet: UNetModel, text_encoder: TextEncoder, ema: tuple[UNetModel, TextEncoder],
               opt: torch.optim.Optimizer, pool: tuple[torch.Tensor, torch.Tensor, list[str]], scaling_factor: float,
               scheduler, c: TrainConfig, step: int) -> float:
     """Stage 2: one diffusion-loss step on latents z ~ q(z|x) of the pool, scaled to unit variance, then EMA."""
     means, stds, captions = pool
     generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 500_000 + step)
-    picks = torch.randint(0, len(captions), (c.unet_batch,), generator=generator)
-    z0 = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scaling_factor
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, c)
+    picks, z0 = pool_latents(means, stds, c.unet_batch, scaling_factor, generator)
     loss = diffusion_loss(unet, text_encoder, z0, [captions[i] for i in picks.tolist()], scheduler, c, generator)
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
-    opt.step()
-    decay = min(c.ema_decay, (1 + step) / (10 + step))
-    ema_update(ema[0], unet, decay)
-    ema_update(ema[1], text_encoder, decay)
-    return loss.item()
+    return optimise(opt, loss, step, c, ((ema[0], unet), (ema[1], text_encoder)))
 
 
 def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None = None,
