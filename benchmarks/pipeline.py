@@ -10,7 +10,8 @@ for diffusers' default pipeline (SDPA attention), our default DiffusionModel and
 (`DiffusionModel(..., compile=True)`: channels_last + torch.compile; its compilation is a warm-up run).
 Prints, per setting: seconds per image, denoising steps per second, peak GPU memory, the largest pixel
 difference between the two images, and the ratios ours/diffusers (time: lower is better, <= 1.0 is no
-slower; speed-up = diffusers / ours). Each figure is the median of --repeats runs after one warm-up run.
+slower; speed-up = diffusers / ours). Each figure is the median of --repeats runs after one warm-up run, the
+pipelines taking turns.
 """
 from __future__ import annotations
 
@@ -91,20 +92,25 @@ class Measure:
     images: list              # the PIL images of the last call
 
 
-def measure(run, device: torch.device, repeats: int) -> Measure:
-    run()  # warm-up: kernel selection, torch.compile
-    times, peak, images = [], None, None
+def measure(runs: dict, device: torch.device, repeats: int) -> dict[str, Measure]:
+    """Each run once to warm up (kernel selection, torch.compile), then `repeats` rounds taking them in turn, so
+    that a machine drifting faster or slower (other load, clocks, memory) weighs on all alike."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    peaks, images = {}, {}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        images = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        times.append(time.perf_counter() - start)
-    return Measure(statistics.median(times), peak, images)
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            images[name] = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated()
+            times[name].append(time.perf_counter() - start)
+    return {name: Measure(statistics.median(times[name]), peaks.get(name), images[name]) for name in runs}
 
 
 def compare(label: str, ours: DiffusionModel, pipe: StableDiffusionPipeline, size: int, steps: int, batch: int,
@@ -123,14 +129,16 @@ def compare(label: str, ours: DiffusionModel, pipe: StableDiffusionPipeline, siz
     def runner(model: DiffusionModel):
         return lambda: [r.image for r in model.generate_batch(configs, progress=False)]
 
-    theirs = measure(run_diffusers, device, repeats)
+    runs = {"diffusers": run_diffusers, "ours": runner(ours)}
+    if fast is not None:
+        runs["ours, compile=True"] = runner(fast)
+    measured = measure(runs, device, repeats)
+    theirs = measured.pop("diffusers")
     rows = [row(label, "diffusers", theirs, theirs, batch, steps, None)]
-    for name, model in (("ours", ours), ("ours, compile=True", fast)):
-        if model is not None:
-            result = measure(runner(model), device, repeats)
-            diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
-                       for a, b in zip(result.images, theirs.images))
-            rows.append(row(label, name, result, theirs, batch, steps, diff))
+    for name, result in measured.items():
+        diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+                   for a, b in zip(result.images, theirs.images))
+        rows.append(row(label, name, result, theirs, batch, steps, diff))
     for line in rows:
         print(line, flush=True)
     return rows

@@ -4,7 +4,8 @@ and (where CUDA is available) 1024x1024 in fp16.
     python benchmarks/sdxl.py [--repeats 3] [--threads N] [--no-full-cpu] [--no-loading] [--no-gpu]
 
 CPU, fp32, Euler (SDXL's scheduler), guidance 5, batch 1: the tiny test SDXL at 64x64 with 10 steps, and the
-SDXL base architecture (2.6B-parameter UNet, both text towers, random weights) at 256x256 with 2 steps.
+SDXL base architecture (2.6B-parameter UNet, both text towers, random weights) at 256x256 with 2 steps, and
+its UNet alone.
 Ours shares the reference's weight tensors (converted by the key maps), so both fit in memory at once.
 Loading: a random SDXL-base-size fp16 single file (6.9 GB) into fp32, ours (`load_components`) against
 diffusers (`StableDiffusionXLPipeline.from_single_file(..., config=folder)`), each in fresh subprocesses
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,26 @@ def ours_sharing(ref: dict, name: str) -> DiffusionModel:
         module.load_state_dict(weights, assign=True)
         modules.append(module.eval())
     return DiffusionModel(Components(*modules, make_scheduler("euler", **config.scheduler), config))
+
+
+def unet_rounds(ref: dict, rounds: int) -> None:
+    """The SDXL UNet alone, ours and diffusers' on the same weights (batch 2, 32x32 latents), taking turns."""
+    ours = ours_sharing(ref, "sdxl").unet
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 77, 2048, generator=gen)
+    added = {"text_embeds": torch.randn(2, 1280, generator=gen), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
+    runs = {"ours": lambda: ours(x, 500, context, **added),
+            "diffusers": lambda: ref["unet"](x, 500, context, added_cond_kwargs=added).sample}
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    print(f"\nSDXL UNet alone, batch 2, 32x32 latents, {rounds} rounds taking turns: " + ", ".join(
+        f"{name} {min(t):.2f}-{max(t):.2f} s (median {statistics.median(t):.2f})" for name, t in times.items()))
 
 
 # ---------------------------------------------------------------- loading an SDXL-size file
@@ -195,6 +218,7 @@ def main() -> None:
         if not args.no_full_cpu:
             compare("CPU fp32, SDXL base architecture, 256x256, 2 steps", ours_sharing(full, "sdxl"),
                     sx.sdxl_pipeline(full), 256, 2, 1, args.repeats, guidance=5.0)
+            unet_rounds(full, args.repeats + 1)
         if gpu:
             gpu_benchmark(full, args.repeats)
         del full

@@ -104,11 +104,10 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     return torch.stack([im[:, y: y + size, x: x + size] for im, (y, x) in zip(images, offsets.tolist())])
 
 
-def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor, captions: list[str],
-                   scheduler, c: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """DDPM's simple loss (Ho et al. 2020, eq. 14) on ε, or on v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·z0 (Salimans & Ho 2022),
-    which weights the high-noise steps, where colours and shape are decided, like a loss on z0 itself.
-    Captions are dropped to "" at rate c.caption_dropout."""
+def noised_batch(z0: torch.Tensor, captions: list[str], scheduler, c: TrainConfig, generator: torch.Generator
+                 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch: captions dropped to "" at rate c.caption_dropout, random timesteps t, the noise ε
+    with its offset, and z_t = sqrt(ᾱ_t)·z0 + sqrt(1-ᾱ_t)·ε."""
     b = z0.shape[0]
     drop = torch.rand(b, generator=generator) < c.caption_dropout
     captions = ["" if d else caption for d, caption in zip(drop.tolist(), captions)]
@@ -116,7 +115,14 @@ def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor,
     # offset noise (Guttenberg 2023): a shared shift per channel, the component flat backgrounds are made of
     eps = torch.randn(z0.shape, generator=generator) + c.offset_noise * torch.randn(b, z0.shape[1], 1, 1,
                                                                                       generator=generator)
-    z_t = scheduler.add_noise(z0, eps, t)
+    return captions, t, eps, scheduler.add_noise(z0, eps, t)
+
+
+def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor, captions: list[str],
+                   scheduler, c: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """DDPM's simple loss (Ho et al. 2020, eq. 14) on ε, or on v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·z0 (Salimans & Ho 2022),
+    which weights the high-noise steps, where colours and shape are decided, like a loss on z0 itself."""
+    captions, t, eps, z_t = noised_batch(z0, captions, scheduler, c, generator)
     target = eps if c.prediction_type == "epsilon" else scheduler.get_velocity(z0, eps, t)
     return F.mse_loss(unet(z_t, t, text_encoder(captions)), target)
 

@@ -40,7 +40,7 @@ from ..schedulers import make_scheduler
 from . import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, WEIGHTS, load_toy
 from .dataset import IMAGE_SIZE, PALETTE, make_batch, parse_caption, render, seen_scenes
 from .evaluate import detect, eval_scenes, snap_to_palette
-from .train import optimise, plot_losses, pool_latents
+from .train import noised_batch, optimise, plot_losses, pool_latents
 
 XL_WEIGHTS = WEIGHTS.with_name("toy_shapes_xl.safetensors")  # sgm's layout; nothing beside it: SDXL needs no yaml
 CANVAS = 96            # cropped images are windows of scenes drawn this large
@@ -132,16 +132,11 @@ def diffusion_loss(unet: UNetModel, text_encoder: DualTextEncoder, z0: torch.Ten
                    crops: torch.Tensor, scheduler, c: XLTrainConfig, generator: torch.Generator) -> torch.Tensor:
     """The bundled model's v-loss, with SDXL's conditioning: context and pooled text from both towers, and the
     time ids (original 64x64, the crop, target 64x64) that DiffusionModel feeds at sampling time."""
-    b = z0.shape[0]
-    drop = torch.rand(b, generator=generator) < c.caption_dropout
-    captions = ["" if d else caption for d, caption in zip(drop.tolist(), captions)]
-    t = torch.randint(0, len(scheduler.alphas_cumprod), (b,), generator=generator)
-    eps = torch.randn(z0.shape, generator=generator) + c.offset_noise * torch.randn(b, z0.shape[1], 1, 1,
-                                                                                      generator=generator)
+    captions, t, eps, z_t = noised_batch(z0, captions, scheduler, c, generator)
     context, pooled = text_encoder(captions)
-    size = torch.full((b, 2), float(IMAGE_SIZE))
+    size = torch.full((len(z0), 2), float(IMAGE_SIZE))
     time_ids = torch.cat([size, crops, size], dim=1)  # (B, 6)
-    prediction = unet(scheduler.add_noise(z0, eps, t), t, context, text_embeds=pooled, time_ids=time_ids)
+    prediction = unet(z_t, t, context, text_embeds=pooled, time_ids=time_ids)
     return F.mse_loss(prediction, scheduler.get_velocity(z0, eps, t))
 
 
