@@ -36,9 +36,21 @@ SDXL_BASE_UNET = dict(SD15_UNET, sample_size=128, block_out_channels=[320, 640, 
                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                       projection_class_embeddings_input_dim=2816, upcast_attention=None)
 SDXL_REFINER_UNET = dict(SDXL_BASE_UNET, block_out_channels=[384, 768, 1536, 1536],
-                         down_block_types=[_DOWN, _CROSS, _CROSS, _DOWN], up_block_types=[_UP, _CROSS_UP, _CROSS_UP, _UP],
+                         down_block_types=[_DOWN, _CROSS, _CROSS, _DOWN],
+                         up_block_types=[_UP, _CROSS_UP, _CROSS_UP, _UP],
                          cross_attention_dim=1280, attention_head_dim=[6, 12, 24, 24], transformer_layers_per_block=4,
                          projection_class_embeddings_input_dim=2560)
+
+# text_encoder/config.json of runwayml/stable-diffusion-v1-5 (OpenAI CLIP ViT-L/14, also SDXL's first tower), of
+# stabilityai/stable-diffusion-2-1 (OpenCLIP ViT-H/14, its 24th block dropped: SD2 reads the 23rd) and
+# text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0 (OpenCLIP ViT-bigG/14): CLIPTextConfig's.
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 bos_token_id=0, eos_token_id=2)
+SD21_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu", projection_dim=512)
+SDXL_TEXT_2 = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
 
 TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 64], layers_per_block=2,
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,

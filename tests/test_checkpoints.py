@@ -593,16 +593,6 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, container):
 # ---------------------------------------------------------------- full-size files, as users hold them
 
 
-# text_encoder/config.json of runwayml/stable-diffusion-v1-5 (OpenAI CLIP ViT-L/14) and of
-# stabilityai/stable-diffusion-2-1 (OpenCLIP ViT-H/14, its 24th block dropped: SD2 reads the 23rd)
-SD15_TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                           layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
-SD21_TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                           num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-                           layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, projection_dim=512)
-
-
 @torch.no_grad()
 def full_size_file(path: Path, family: str, global_step: int | None = None) -> dict:
     """Write a random full-size SD1.5 / SD2.1 fp16 single file (no yaml); return diffusers' outputs on it.
@@ -624,7 +614,8 @@ def full_size_file(path: Path, family: str, global_step: int | None = None) -> d
     expected.update(mean=posterior.mean, logvar=posterior.logvar, decoded=vae.decode(inputs["latent"]).sample)
     state.update({f"first_stage_model.{k}": v.half() for k, v in vae_from_diffusers(vae.state_dict(), SD_VAE).items()})
     del vae
-    text_encoder = full_size(lambda: CLIPTextModel(SD15_TEXT if family == "sd1" else SD21_TEXT), 3)
+    text_config = CLIPTextConfig(**(reference.SD15_TEXT if family == "sd1" else reference.SD21_TEXT))
+    text_encoder = full_size(lambda: CLIPTextModel(text_config), 3)
     tokenizer = fx.clip_tokenizer(family)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     expected.update(ids=ids, text=text_encoder(ids).last_hidden_state)

@@ -328,15 +328,6 @@ def test_fp16_sdxl_vae_runs_in_fp32(saved):
 # ---------------------------------------------------------------- full size, from an fp16 single file
 
 
-# text_encoder/ and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0
-SDXL_CLIP_L = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                             layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
-SDXL_CLIP_G = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                             num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                             layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, projection_dim=1280)
-
-
 @torch.no_grad()
 def full_size_sdxl_file(path) -> dict:
     """A random full-size SDXL base as an fp16 single file (sgm's layout), and diffusers' / transformers' outputs
@@ -353,15 +344,16 @@ def full_size_sdxl_file(path) -> dict:
     del unet
     vae = reference.full_size(lambda: AutoencoderKL(**reference.SDXL_VAE), 2)
     expected["decoded"] = vae.decode(expected["latent"]).sample
-    state.update({f"first_stage_model.{k}": v.half() for k, v in vae_from_diffusers(vae.state_dict(), SDXL_VAE).items()})
+    state.update({f"first_stage_model.{k}": v.half()
+                  for k, v in vae_from_diffusers(vae.state_dict(), SDXL_VAE).items()})
     del vae
-    clip_l = reference.full_size(lambda: CLIPTextModel(SDXL_CLIP_L), 3)
+    clip_l = reference.full_size(lambda: CLIPTextModel(CLIPTextConfig(**reference.SD15_TEXT)), 3)
     ids_l = fx.clip_tokenizer("sd1")(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     expected["context_l"] = clip_l(ids_l, output_hidden_states=True).hidden_states[-2]
     state.update({f"conditioner.embedders.0.transformer.{TRANSFORMERS_PREFIX}{k}": v.half()
                   for k, v in clip_l.state_dict().items()})
     del clip_l
-    clip_g = reference.full_size(lambda: CLIPTextModelWithProjection(SDXL_CLIP_G), 4)
+    clip_g = reference.full_size(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**reference.SDXL_TEXT_2)), 4)
     ids_g = fx.clip_tokenizer("sd2")(PROMPTS_2, padding="max_length", max_length=77, return_tensors="pt").input_ids
     out = clip_g(ids_g, output_hidden_states=True)
     expected.update(context_g=out.hidden_states[-2], pooled=out.text_embeds)
