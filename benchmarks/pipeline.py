@@ -90,6 +90,7 @@ class Measure:
     seconds: float            # median wall time of one call
     peak_memory: int | None   # bytes allocated at most on the GPU during a call
     images: list              # the PIL images of the last call
+    times: list[float]        # the wall time of each measured call
 
 
 def measure(runs: dict, device: torch.device, repeats: int) -> dict[str, Measure]:
@@ -110,7 +111,7 @@ def measure(runs: dict, device: torch.device, repeats: int) -> dict[str, Measure
                 torch.cuda.synchronize()
                 peaks[name] = torch.cuda.max_memory_allocated()
             times[name].append(time.perf_counter() - start)
-    return {name: Measure(statistics.median(times[name]), peaks.get(name), images[name]) for name in runs}
+    return {name: Measure(statistics.median(times[name]), peaks.get(name), images[name], times[name]) for name in runs}
 
 
 def compare(label: str, ours: DiffusionModel, pipe: StableDiffusionPipeline, size: int, steps: int, batch: int,

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ import checkpoint_fixtures as fx  # noqa: E402
 import reference  # noqa: E402
 import sdxl_fixtures as sx  # noqa: E402
 from loading import best_of_fresh_processes, measured_load, print_table  # noqa: E402
-from pipeline import HEADER, compare  # noqa: E402
+from pipeline import HEADER, compare, measure  # noqa: E402
 
 from diffusion_core import DiffusionModel  # noqa: E402
 from diffusion_core.checkpoints.configs import SDXL_BASE, sdxl_scheduler_config  # noqa: E402
@@ -49,11 +47,7 @@ from diffusion_core.models.vae import VAE, VAEConfig  # noqa: E402
 from diffusion_core.schedulers import make_scheduler  # noqa: E402
 
 # text_encoder/ and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0
-CLIP_L = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-CLIP_G = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                        num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-                        eos_token_id=2, projection_dim=1280)
+CLIP_L, CLIP_G = CLIPTextConfig(**reference.SD15_TEXT), CLIPTextConfig(**reference.SDXL_TEXT_2)
 
 
 def sdxl_reference() -> dict:
@@ -94,19 +88,13 @@ def unet_rounds(ref: dict, rounds: int) -> None:
     ours = ours_sharing(ref, "sdxl").unet
     gen = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 77, 2048, generator=gen)
-    added = {"text_embeds": torch.randn(2, 1280, generator=gen), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
-    runs = {"ours": lambda: ours(x, 500, context, **added),
-            "diffusers": lambda: ref["unet"](x, 500, context, added_cond_kwargs=added).sample}
-    times = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    added = {"text_embeds": torch.randn(2, 1280, generator=gen),
+             "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}  # original size, crop, target size
+    measured = measure({"ours": lambda: ours(x, 500, context, **added),
+                        "diffusers": lambda: ref["unet"](x, 500, context, added_cond_kwargs=added).sample},
+                       torch.device("cpu"), rounds)
     print(f"\nSDXL UNet alone, batch 2, 32x32 latents, {rounds} rounds taking turns: " + ", ".join(
-        f"{name} {min(t):.2f}-{max(t):.2f} s (median {statistics.median(t):.2f})" for name, t in times.items()))
+        f"{name} {min(m.times):.2f}-{max(m.times):.2f} s (median {m.seconds:.2f})" for name, m in measured.items()))
 
 
 # ---------------------------------------------------------------- loading an SDXL-size file
