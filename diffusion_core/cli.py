@@ -71,10 +71,86 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusers' for the model: img2img 0.75, SDXL 0.3; inpaint 1.0, SDXL 0.9999)")
         if name == "inpaint":
             command.add_argument("--mask", type=Path, required=True, help="white = repaint, black = keep")
+    _add_compare(commands)
     for name, help_text in TOY_COMMANDS.items():  # their own flags: `diffusion-core train --help`
         command = commands.add_parser(name, help=help_text, add_help=False)
         command.add_argument("toy_args", nargs=argparse.REMAINDER)
     return parser
+
+
+COMPARE_EXAMPLES = """\
+examples:
+  # prove parity on your own file: every module of the text encoder(s), the VAE and the UNet, in fp32
+  diffusion-core compare v1-5-pruned-emaonly.safetensors --out sd15_parity.csv
+
+  # in float64 too small a fault for fp32 shows (a GroupNorm eps of 1e-5 for 1e-6 moves outputs by ~1e-5)
+  diffusion-core compare my_unet_folder --dtype float64
+
+  # fp16 on a GPU (the tolerance follows the dtype), and whole images for a seed and sampler
+  diffusion-core compare sd_xl_base_1.0.safetensors --device cuda --dtype float16 --pipeline --sampler euler_a
+
+Exit status: 0 when every module agrees within the tolerance, 1 when a module parts (named in the verdict).
+"""
+
+
+def _add_compare(commands: Any) -> None:
+    help_text = "compare a checkpoint module by module with diffusers (needs the [compare] extra)"
+    command = commands.add_parser("compare", help=help_text, description=help_text, epilog=COMPARE_EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("checkpoint", type=Path, help="a diffusers folder or an SD .safetensors / .ckpt file")
+    command.add_argument("--config", type=Path, help="the LDM yaml of a single-file checkpoint (optional)")
+    command.add_argument("--prompt", default="a photograph of an astronaut riding a horse",
+                         help="what the text encoders read (default: %(default)r)")
+    command.add_argument("--timestep", type=float, default=500.0, help="the UNet's t (default: %(default)s)")
+    command.add_argument("--seed", type=int, default=0, help="seed of the random image, latents and context")
+    command.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 8 (default: 512)")
+    command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    command.add_argument("--dtype", choices=[*DTYPES, "float64"], default="float32", help="default: float32")
+    command.add_argument("--tolerance", type=float, help="max relative error per module (default: by dtype, "
+                         "fp64 1e-9, fp32 1e-4, fp16 1e-2, bf16 5e-2)")
+    command.add_argument("--worst", type=int, default=10, help="rows shown per network besides the first parted "
+                         "one (default: 10)")
+    command.add_argument("--out", type=Path, help="write every row of every network to this CSV file")
+    command.add_argument("--pipeline", action="store_true", help="also compare whole images for --seed")
+    command.add_argument("--sampler", choices=[s.value for s in SamplerType], help="for --pipeline (default: the "
+                         "checkpoint's scheduler)")
+    command.add_argument("--steps", type=int, default=20, help="for --pipeline (default: 20)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare_checkpoint, compare_images
+    from .reference import require_diffusers
+
+    require_diffusers()
+    if args.size < 8 or args.size % 8:
+        raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    dtype = torch.float64 if args.dtype == "float64" else DTYPES[args.dtype]
+    common = dict(original_config=args.config, prompt=args.prompt, seed=args.seed, size=args.size,
+                  device=args.device, dtype=dtype)
+    results = compare_checkpoint(args.checkpoint, timestep=args.timestep, tolerance=args.tolerance, **common)
+    for name, comparison in results.items():
+        print(f"\n== {name} ==\n{comparison.table(args.worst)}")
+    if args.out is not None:
+        _write_comparisons(results, args.out)
+        print(f"\nevery row: {args.out}")
+    passed = all(c.passed for c in results.values())
+    if args.pipeline:
+        difference = compare_images(args.checkpoint, sampler=args.sampler, steps=args.steps, **common)
+        exact = dtype in (torch.float32, torch.float64)  # half precision has no pixel bar: its figure is reported
+        print(f"\n== image ==\nlargest pixel difference {difference:.0f}/255" + (" (bar 1/255)" if exact else ""))
+        passed = passed and (difference <= 1 or not exact)
+    print("\nverdict: " + ("EQUAL" if passed else "PARTS"))
+    return 0 if passed else 1
+
+
+def _write_comparisons(results: dict[str, Any], path: Path) -> None:
+    """One CSV for all networks: each network's rows, its name in the first column."""
+    import csv
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        for n, (name, comparison) in enumerate(results.items()):
+            header, *rows = comparison.csv_rows()
+            writer.writerows([["network", *header]] * (n == 0) + [[name, *row] for row in rows])
 
 
 def _add_common(command: argparse.ArgumentParser, name: str) -> None:
@@ -134,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:
+        return _compare(args) if args.command == "compare" else _run(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         parser.exit(2, f"diffusion-core {args.command}: error: {e}\n")
 
 

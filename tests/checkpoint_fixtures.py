@@ -7,19 +7,12 @@ writes the original LDM layout through our own key maps, with the LDM yaml besid
 """
 from __future__ import annotations
 
-import atexit
-import functools
-import gzip
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
                        StableDiffusionPipeline, UNet2DConditionModel)
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -28,6 +21,7 @@ from diffusion_core.checkpoints.text_keys import TRANSFORMERS_PREFIX, text_from_
 from diffusion_core.models.text_encoder import TextEncoderConfig
 from diffusion_core.models.unet import UNetConfig
 from diffusion_core.models.vae import VAEConfig
+from diffusion_core.reference import clip_tokenizer as reference_tokenizer
 from parity import perturb_
 
 KINDS = ("sd1", "sd2", "sd2_v", "sd1_inpaint")
@@ -51,9 +45,6 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64, 64], 
 # (activation, blocks a single file holds, blocks used): SD2 reads the penultimate block, and its diffusers
 # folder stores only the blocks used, as stabilityai/stable-diffusion-2-1 does (23 of ViT-H's 24).
 TINY_TEXT = {"sd1": ("quick_gelu", 2, 2), "sd2": ("gelu", 3, 2)}
-PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
-
-
 def sd_scheduler(kind: str):
     """The scheduler of SD's folders: PNDM for SD1, DDIM for SD2; v-prediction for the 768-v model."""
     config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -62,23 +53,9 @@ def sd_scheduler(kind: str):
     return (PNDMScheduler if FAMILY[kind] == "sd1" else DDIMScheduler).from_config(config)
 
 
-@functools.cache
-def clip_vocab_dir() -> Path:
-    """vocab.json and merges.txt of OpenAI's CLIP tokenizer, rebuilt from open_clip's bundled BPE file: byte
-    characters, the same with '</w>', then one entry per merge, then <|startoftext|> and <|endoftext|>."""
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
-
 def clip_tokenizer(family: str) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(clip_vocab_dir(), pad_token=PAD_TOKEN[family], model_max_length=77)
+    """transformers' CLIPTokenizer with the family's pad token: <|endoftext|> (SD1) or "!" (SD2)."""
+    return reference_tokenizer(0 if family == "sd2" else 49407)
 
 
 def text_config(family: str, layers: int) -> CLIPTextConfig:

@@ -1,10 +1,6 @@
 """The CLIP text encoder and its tokenizer equal transformers' CLIPTextModel and CLIPTokenizer (SD1 and SD2)."""
-import gzip
-import json
-
 import pytest
 import torch
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transformer import TextTransformer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -12,6 +8,7 @@ from diffusion_core.checkpoints.text_keys import (TRANSFORMERS_PREFIX, text_from
                                                    text_to_transformers)
 from diffusion_core.models.text_encoder import (ACTIVATIONS, SD1_TEXT, SD2_TEXT, TINY_SD1_TEXT, TINY_SD2_TEXT,
                                                 TextEncoder, TextEncoderConfig)
+from diffusion_core.reference import clip_vocab_dir as reference_vocab_dir
 from parity import assert_rel_close, perturb_
 
 LONG_PROMPT = " ".join(f"a {adjective} cat number {i}," for i, adjective in enumerate(["red", "tiny", "fluffy"] * 12))
@@ -122,17 +119,8 @@ def test_bad_prompts_raise(prompts):
 
 
 @pytest.fixture(scope="module")
-def clip_vocab_dir(tmp_path_factory):
-    """vocab.json and merges.txt of OpenAI's CLIP tokenizer, rebuilt from open_clip's bundled BPE file: byte
-    characters, the same with '</w>', then one entry per merge, then <|startoftext|> and <|endoftext|>."""
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
+def clip_vocab_dir():
+    return reference_vocab_dir()
 
 
 @pytest.mark.parametrize("name, pad_token", [("sd1", "<|endoftext|>"), ("sd2", "!")])

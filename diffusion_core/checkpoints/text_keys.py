@@ -26,6 +26,9 @@ LAYER_KEYS = {
     "mlp.c_fc.{p}": ("mlp.fc1.{p}",),
     "mlp.c_proj.{p}": ("mlp.fc2.{p}",),
 }
+# The one weightless module both sides name (open_clip's MLP Sequential, transformers' CLIPMLP): what `compare`
+# needs to tell GELU from QuickGELU at the activation itself rather than at the next layer.
+LAYER_ACTIVATION = ("mlp.gelu", "mlp.activation_fn")
 # transformers <= 4 nests everything under `text_model.`; transformers 5 saves without it.
 TRANSFORMERS_PREFIX = "text_model."
 # Kept in checkpoints but never read: positions are always arange(77); the projection and temperature
