@@ -99,7 +99,8 @@ class Comparison:
             previous = i
         for side, calls in (("ours", self.only_ours), ("the reference", self.only_reference)):
             if calls:
-                lines.append(f"not compared, called in {side} only: {len(calls)} ({', '.join(calls[:3])}, ...)")
+                more = ", ..." if len(calls) > 3 else ""
+                lines.append(f"not compared, called in {side} only: {len(calls)} ({', '.join(calls[:3])}{more})")
         return "\n".join(lines + [self.verdict()])
 
     def csv_rows(self) -> list[list[Any]]:
