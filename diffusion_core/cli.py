@@ -111,6 +111,8 @@ def _add_compare(commands: Any) -> None:
     command.add_argument("--worst", type=int, default=10, help="rows shown per network besides the first parted "
                          "one (default: 10)")
     command.add_argument("--out", type=Path, help="write every row of every network to this CSV file")
+    command.add_argument("--stored-gb", type=float, default=2.0, help="reference activations held at once; past "
+                         "this the comparison runs in windows, both networks once per window (default: 2)")
     command.add_argument("--pipeline", action="store_true", help="also compare whole images for --seed")
     command.add_argument("--sampler", choices=[s.value for s in SamplerType], help="for --pipeline (default: the "
                          "checkpoint's scheduler)")
@@ -127,7 +129,10 @@ def _compare(args: argparse.Namespace) -> int:
     dtype = torch.float64 if args.dtype == "float64" else DTYPES[args.dtype]
     common = dict(original_config=args.config, prompt=args.prompt, seed=args.seed, size=args.size,
                   device=args.device, dtype=dtype)
-    results = compare_checkpoint(args.checkpoint, timestep=args.timestep, tolerance=args.tolerance, **common)
+    if args.stored_gb <= 0:
+        raise ValueError(f"--stored-gb must be positive, got {args.stored_gb}")
+    results = compare_checkpoint(args.checkpoint, timestep=args.timestep, tolerance=args.tolerance,
+                                 stored_bytes=int(args.stored_gb * 2 ** 30), **common)
     for name, comparison in results.items():
         print(f"\n== {name} ==\n{comparison.table(args.worst)}")
     if args.out is not None:

@@ -74,8 +74,8 @@ class Comparison:
             return (f"PARTS at {row.ours} (reference: {row.reference}): max relative error {row.max_rel:.2e} > "
                     f"{self.tolerance:.0e}; {where}")
         worst = max(self.rows, key=lambda r: r.max_rel)
-        return (f"EQUAL: {len(self.rows)} module outputs within {self.tolerance:.0e} "
-                f"(worst {worst.max_rel:.2e} at {worst.ours})")
+        detail = "every one bit for bit" if worst.max_rel == 0 else f"worst {worst.max_rel:.2e} at {worst.ours}"
+        return f"EQUAL: {len(self.rows)} module outputs within {self.tolerance:.0e} ({detail})"
 
     def table(self, worst: int = 10) -> str:
         """The first rows, the worst rows, the first parted row with its neighbours, and the verdict."""
@@ -153,17 +153,17 @@ def vae_module_map(ours: VAE, reference: nn.Module) -> dict[str, str]:
 def text_module_map(ours: TextEncoder, reference: nn.Module) -> dict[str, str]:
     """Our (open_clip-named) text tower module -> the transformers CLIPTextModel module computing the same thing.
 
-    A parameter's module is the one holding it; several transformers parameters for one of ours (the fused
-    [q; k; v] projection) belong to their common parent, the attention module.
+    A parameter's module is the one holding it. Our fused [q; k; v] projection is one parameter of the attention
+    module, theirs three parameters of q_proj, k_proj and v_proj: their parent, the attention module, is the match.
     """
     prefix = _prefix(reference)
     by_ours = {}
     for ours_key, their_keys in text_key_map(ours.config).items():
-        module = ours_key.rsplit(".", 1)[0] if "." in ours_key else ""
-        parents = [k.rsplit(".", 1)[0].split(".") for k in their_keys]
-        common = [part for part, *others in zip(*parents) if all(o == part for o in others)]
-        if module:  # parameters on the root (positions, projection) have no module output to hook
-            by_ours[module] = prefix + ".".join(common[:len(parents[0])])
+        if "." not in ours_key:  # parameters of the root (positions, projection): compared through the outputs
+            continue
+        modules = {key.rsplit(".", 1)[0] for key in their_keys}
+        theirs = modules.pop() if len(modules) == 1 else modules.pop().rsplit(".", 1)[0]
+        by_ours[ours_key.rsplit(".", 1)[0]] = prefix + theirs
     for i in range(ours.config.layers):  # the MLP's activation holds no weights, so the key map cannot name it
         by_ours[f"transformer.resblocks.{i}.{LAYER_ACTIVATION[0]}"] = f"{prefix}encoder.layers.{i}.{LAYER_ACTIVATION[1]}"
     return _expand(by_ours, ours, reference)
@@ -203,7 +203,8 @@ def _difference(ours: torch.Tensor, reference: torch.Tensor, reference_is_linear
 
 
 class _Recorder:
-    """Forward hooks that note each call of the hooked modules as (name, k-th call) and pass it to `on_call`."""
+    """Forward hooks that pass each call of the named modules to `on_call(name, k, input, output)`, k counting
+    that module's calls (a module can run more than once)."""
 
     def __init__(self, model: nn.Module, names: set[str], on_call: Callable[[str, int, Any, Any], None]):
         self.calls: dict[str, int] = defaultdict(int)
@@ -265,42 +266,48 @@ def compare(ours: nn.Module, reference: nn.Module, module_map: dict[str, str], r
         stored_bytes: reference activations kept at once. Past it the comparison runs in windows of calls,
             running both networks once per window, so that a full SDXL UNet compares on a 24 GiB machine.
     """
+    rows, outputs, our_calls, reference_calls = _module_rows(ours, reference, module_map, run_ours, run_reference,
+                                                              stored_bytes)
+    our_outputs, reference_outputs = outputs
+    if set(our_outputs) != set(reference_outputs):
+        raise ValueError(f"run_ours returned outputs {sorted(our_outputs)}, run_reference {sorted(reference_outputs)}")
+    for label, y_ref in reference_outputs.items():
+        rows.append(Row(label, label, tuple(y_ref.shape), *_difference(our_outputs[label], y_ref, False), None))
+    if tolerance is None:
+        dtypes = [t.dtype for t in (*our_outputs.values(), *reference_outputs.values()) if t.is_floating_point()]
+        tolerance = max(TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes)
+    ours_ran = {(module_map[name], k): f"{name}#{k}" for name, k in our_calls}
+    return Comparison(rows, tolerance, only_ours=[v for k, v in ours_ran.items() if k not in set(reference_calls)],
+                      only_reference=[f"{n}#{k}" for n, k in reference_calls if (n, k) not in ours_ran])
+
+
+def _module_rows(ours: nn.Module, reference: nn.Module, module_map: dict[str, str], run_ours: Runner,
+                 run_reference: Runner, stored_bytes: int) -> tuple[list[Row], tuple[dict, dict], list, list]:
+    """Rows for the mapped calls, in our execution order, window by window; the first pass's outputs; and the
+    calls each side made, as (name, k-th call)."""
     linear = {name for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
     rows: dict[int, Row] = {}  # by our call's position in execution order
     window, outputs = _Window(0, stored_bytes), None
     while True:
         with _Recorder(reference, set(module_map.values()), window.keep):
             reference_outputs = run_reference(reference)
-        position = iter(range(10 ** 12))
+        our_calls = []
 
         def check(name: str, k: int, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
-            i, key = next(position), (module_map[name], k)
+            position, key = len(our_calls), (module_map[name], k)
+            our_calls.append((name, k))
             if key in window.stored and y is not None:
                 x_ref, y_ref = window.stored.pop(key)
                 is_linear = key[0] in linear
                 input_rel = None if x is None or x_ref is None else _difference(x, x_ref, is_linear)[1]
-                rows[i] = Row(name, key[0], tuple(y_ref.shape), *_difference(y, y_ref, is_linear), input_rel)
+                rows[position] = Row(name, key[0], tuple(y_ref.shape), *_difference(y, y_ref, is_linear), input_rel)
 
-        with _Recorder(ours, set(module_map), check) as our_calls:
+        with _Recorder(ours, set(module_map), check):
             our_outputs = run_ours(ours)
         outputs = outputs or (our_outputs, reference_outputs)
         if window.end is None:
-            break
+            return [rows[i] for i in sorted(rows)], outputs, our_calls, window.calls
         window = _Window(window.end, stored_bytes)
-
-    our_outputs, reference_outputs = outputs
-    if set(our_outputs) != set(reference_outputs):
-        raise ValueError(f"run_ours returned outputs {sorted(our_outputs)}, run_reference {sorted(reference_outputs)}")
-    result = [rows[i] for i in sorted(rows)]
-    for label, y_ref in reference_outputs.items():
-        result.append(Row(label, label, tuple(y_ref.shape), *_difference(our_outputs[label], y_ref, False), None))
-    ours_ran = {(module_map[n], k): f"{n}#{k}" for n, count in our_calls.calls.items() for k in range(count)}
-    reference_ran = set(window.calls)
-    if tolerance is None:
-        dtypes = [t.dtype for t in (*our_outputs.values(), *reference_outputs.values()) if t.is_floating_point()]
-        tolerance = max(TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes)
-    return Comparison(result, tolerance, only_ours=[v for k, v in ours_ran.items() if k not in reference_ran],
-                      only_reference=[f"{n}#{k}" for n, k in window.calls if (n, k) not in ours_ran])
 
 
 # ---- one call per network -----------------------------------------------------------------------------------
