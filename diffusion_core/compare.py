@@ -68,23 +68,23 @@ class Comparison:
     def verdict(self) -> str:
         row = self.first_parted
         if row is not None:
-            where = ("its input already differed, so the cause lies in the code that feeds it"
-                     if row.input_rel is not None and row.input_rel > self.tolerance else
+            input_parted = row.input_rel is not None and not row.input_rel <= self.tolerance
+            where = ("its input already differed, so the cause lies in the code that feeds it" if input_parted else
                      "its input agreed, so the module itself computes differently")
-            return (f"PARTS at {row.ours} (reference: {row.reference}): max relative error {row.max_rel:.2e} > "
-                    f"{self.tolerance:.0e}; {where}")
+            input_rel = "" if row.input_rel is None else f", input {row.input_rel:.2e}"
+            return (f"PARTS at {row.ours} (reference: {row.reference}): max relative error {row.max_rel:.2e}"
+                    f"{input_rel}, tolerance {self.tolerance:.0e}; {where}")
         worst = max(self.rows, key=lambda r: r.max_rel)
         detail = "every one bit for bit" if worst.max_rel == 0 else f"worst {worst.max_rel:.2e} at {worst.ours}"
         return f"EQUAL: {len(self.rows)} module outputs within {self.tolerance:.0e} ({detail})"
 
     def table(self, worst: int = 10) -> str:
         """The first rows, the worst rows, the first parted row with its neighbours, and the verdict."""
-        order = {id(r): i for i, r in enumerate(self.rows)}
-        shown = set(range(min(3, len(self.rows))))
-        shown |= {order[id(r)] for r in sorted(self.rows, key=lambda r: -r.max_rel)[:worst]}
+        n = len(self.rows)
+        shown = set(range(min(3, n))) | set(sorted(range(n), key=lambda i: -self.rows[i].max_rel)[:worst])
         if (first := self.first_parted) is not None:
-            i = order[id(first)]
-            shown |= set(range(max(0, i - 2), min(len(self.rows), i + 3)))
+            i = self.rows.index(first)
+            shown |= set(range(max(0, i - 2), min(n, i + 3)))
         lines = [f"{'#':>5}  {'ours':<48} {'reference':<52} {'shape':<20} {'max abs':>9} {'max rel':>9} "
                  f"{'input rel':>9}"]
         previous = -1
