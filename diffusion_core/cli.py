@@ -83,13 +83,14 @@ examples:
   # prove parity on your own file: every module of the text encoder(s), the VAE and the UNet, in fp32
   diffusion-core compare v1-5-pruned-emaonly.safetensors --out sd15_parity.csv
 
-  # in float64 too small a fault for fp32 shows (a GroupNorm eps of 1e-5 for 1e-6 moves outputs by ~1e-5)
+  # float64 shows faults too small for fp32's bar (a GroupNorm eps of 1e-5 for 1e-6 moves outputs by ~1e-5)
   diffusion-core compare my_unet_folder --dtype float64
 
   # fp16 on a GPU (the tolerance follows the dtype), and whole images for a seed and sampler
   diffusion-core compare sd_xl_base_1.0.safetensors --device cuda --dtype float16 --pipeline --sampler euler_a
 
-Exit status: 0 when every module agrees within the tolerance, 1 when a module parts (named in the verdict).
+Exit status: 0 when every module agrees within the tolerance; 1 when a module parts (named in the verdict) or,
+with --pipeline in fp32, an image pixel differs by more than 1/255; 2 for bad input.
 """
 
 

@@ -79,11 +79,14 @@ def clip_tokenizer(pad_token_id: int) -> Any:
 
 
 def clip_text_config(text: TextEncoderConfig) -> dict[str, Any]:
-    """transformers' CLIPTextConfig of a text tower, holding the blocks SD runs (SD2 folders drop ViT-H's last)."""
-    layers = text.layers if text.projection_dim is not None or not text.final_norm else \
-        text.layers + text.layer_index + 1
+    """transformers' CLIPTextConfig of a text tower as diffusers folders store it.
+
+    SD folders hold only the blocks SD runs and read the last (SD2: 23 of ViT-H's 24, then the final norm);
+    SDXL folders hold every block and read the penultimate one, without the final norm.
+    """
+    blocks = text.layers + text.layer_index + 1 if text.final_norm else text.layers
     return dict(vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=4 * text.width,
-                num_hidden_layers=layers, num_attention_heads=text.heads, max_position_embeddings=text.context_length,
+                num_hidden_layers=blocks, num_attention_heads=text.heads, max_position_embeddings=text.context_length,
                 hidden_act=text.activation, layer_norm_eps=1e-5, projection_dim=text.projection_dim or text.width,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 
