@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .adapters.lora import LoraReport, LoraStack
 from .generation import GeneratedImage, GenerationConfig, DenoisingStep, read_png_parameters
 from .guidance import is_guided
 from .images import image_to_model_input, mask_to_model_input, tensor_to_pil
@@ -75,6 +76,7 @@ class DiffusionModel:
         self.text_encoder = components.text_encoder
         self.scheduler = components.scheduler
         self.config = components.config
+        self.loras = LoraStack(self)
         self.vae_slicing = False
         self.vae_tiling = False
         self.unet_slice_size: int | None = None
@@ -117,9 +119,29 @@ class DiffusionModel:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
+        self.loras.to(device, dtype)
         self._compiled_unet = None
         self._upcast_vae()
         return self
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None,
+                  strict: bool = True) -> LoraReport:
+        """Merge a LoRA / LyCORIS file into the UNet and text encoder weights (adapters/lora.py); files stack.
+
+        Args:
+            path: a kohya / A1111 file (diffusers- or LDM-named), a diffusers or PEFT file (with its
+                adapter_config.json beside it), LyCORIS LoCon / LoHa / LoKr, DoRA.
+            scale: the strength s in W + s·ΔW.
+            name: what `unload_lora` calls it; the file's stem by default.
+            strict: a key that matches no weight refuses the whole file (nothing changes); False loads the
+                rest and warns, naming the keys.
+        Returns: what the file changed, network by network.
+        """
+        return self.loras.load(path, scale, name, strict)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take one LoRA (None: all) out of the weights; a weight no other file changes is restored bit for bit."""
+        self.loras.unload(name)
 
     def _upcast_vae(self) -> None:
         """SDXL's VAE overflows in fp16: it runs in fp32 on weights rounded to fp16, as diffusers' force_upcast."""
