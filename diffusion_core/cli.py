@@ -42,6 +42,10 @@ examples:
       --checkpoint sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --refiner-switch-at 0.8 \
       --original-size 2048 1536 --crop 0 0 --device cuda
 
+  # two LoRAs, a style at 0.8 and a detail LoRA subtracted at -0.5 (kohya, diffusers, PEFT, LyCORIS files)
+  diffusion-core generate "a lighthouse at dusk" --checkpoint sd15.safetensors \\
+      --lora watercolor_style.safetensors:0.8 --lora detail_tweaker.safetensors:-0.5
+
   # SDXL-Turbo (or SD-Turbo): Euler ancestral on trailing timesteps, 1 step, no guidance, 512x512
   diffusion-core generate "a cinematic photo of a fox" --checkpoint sd_xl_turbo_1.0_fp16.safetensors --turbo
 
@@ -170,6 +174,8 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
                        help="override what the UNet predicts (SD 2.x files cannot always tell)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on cuda, float32 elsewhere")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="merge a LoRA / LyCORIS file at a strength (default 1); repeat to stack several")
     model.add_argument("--turbo", action="store_true", help="an SD-Turbo / SDXL-Turbo checkpoint: Euler ancestral, "
                        "trailing timesteps, 1 step, guidance 0, 512 px")
     sdxl = command.add_argument_group("SDXL")
@@ -227,6 +233,7 @@ def _run(args: argparse.Namespace) -> int:
     images = _open_images(args)  # before loading the model: a wrong path fails fast
     refined = _refiner_settings(args)  # from the flags, or the PNG of --from
     model = _load_model(args)
+    _load_loras(model, args)
     refiner = _load_model(args, refined[0]) if refined else None
     base = _base_config(args, model)
     configs = [GenerationConfig.from_dict({**base.to_dict(), "seed": base.seed + i}) for i in range(args.n)]
@@ -260,6 +267,30 @@ def _load_model(args: argparse.Namespace, checkpoint: Path | None = None) -> Dif
         return DiffusionModel(device=device, dtype=dtype)
     return DiffusionModel.from_pretrained(args.checkpoint, original_config=args.config, device=device, dtype=dtype,
                                           prediction_type=args.prediction_type, turbo=args.turbo)
+
+
+def lora_argument(value: str) -> tuple[Path, float]:
+    """FILE[:SCALE] -> (file, scale); the scale is whatever follows the last ":" when it is a number."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0  # a ":" in the path itself (C:\...), no scale
+
+
+def _load_loras(model: DiffusionModel, args: argparse.Namespace) -> None:
+    """Each --lora merged into the model; with --from, every LoRA its PNG records must be given again."""
+    for value in args.lora:
+        path, scale = lora_argument(value)
+        report = model.load_lora(path, scale)
+        if not args.quiet:
+            print(report, file=sys.stderr)
+    recorded = read_png_parameters(args.from_png).get("loras", []) if args.from_png else []
+    given = {(r.sha256, r.scale) for r in model.loras.reports}
+    missing = [lora for lora in recorded if (lora["sha256"], lora["scale"]) not in given]
+    if missing:
+        wanted = ", ".join(f"{m['file']} (sha256 {m['sha256'][:12]}) at scale {m['scale']:g}" for m in missing)
+        raise ValueError(f"{args.from_png} was made with LoRA {wanted}: pass --lora FILE:SCALE for each to redo it")
 
 
 def _refiner_settings(args: argparse.Namespace) -> tuple[Path, float] | None:

@@ -152,12 +152,14 @@ class GeneratedImage:
     intermediates: list[DenoisingStep] | None = None  # with return_intermediates=True
     refiner: str | None = None   # SDXL ensemble of experts: the refiner's name
     refiner_switch_at: float | None = None  # and the fraction of the schedule after which it took over
+    loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # LoraReport.record() of each LoRA loaded
 
     def parameters(self) -> dict[str, Any]:
         """What the PNG text chunk records: the config, the mode, the model (and refiner)."""
         refiner = {"refiner": self.refiner, "refiner_switch_at": self.refiner_switch_at} if self.refiner else {}
+        loras = {"loras": self.loras} if self.loras else {}
         return {**self.config.to_dict(), "mode": self.mode, "strength": self.strength, "model": self.model,
-                "steps_taken": self.steps_taken, **refiner}
+                "steps_taken": self.steps_taken, **refiner, **loras}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a PNG carrying parameters() in its text chunk; an existing file is an error unless overwrite."""
@@ -180,10 +182,20 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
 
 
 def _a1111_parameters(result: GeneratedImage) -> str:
+    """A1111's infotext; a LoRA appears as A1111 users write it, `<lora:name:scale>` in the prompt, and in
+    "Lora hashes" (name: the first 12 hex digits of its sha256)."""
     c = result.config
+    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in result.loras)
     negative = f"\nNegative prompt: {c.negative_prompt}" if c.negative_prompt else ""
-    return (f"{c.prompt}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
-            f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}")
+    hashes = ", ".join(f"{_a1111_name(lora['name'])}: {lora['sha256'][:12]}" for lora in result.loras)
+    return (f"{c.prompt}{tags}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
+            f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}"
+            + (f', Lora hashes: "{hashes}"' if hashes else ""))
+
+
+def _a1111_name(name: str) -> str:
+    """A1111 drops ":" and "," from a name in "Lora hashes", whose entries they separate."""
+    return name.replace(":", "").replace(",", "")
 
 
 def _sampler_name(sampler: str | SamplerType) -> str:

@@ -502,7 +502,8 @@ class DiffusionModel:
                                mode=mode, strength=None if image is None or mode == "text_to_image" else strength,
                                model=self.config.name, intermediates=log.steps[k] if return_intermediates else None,
                                refiner=handover[0].config.name if handover else None,
-                               refiner_switch_at=handover[1] if handover else None)
+                               refiner_switch_at=handover[1] if handover else None,
+                               loras=[report.record() for report in self.loras.reports])
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
     def _refine(self, latents: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator],

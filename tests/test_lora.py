@@ -9,10 +9,13 @@ against the formula. Every file here is random, written in the format's own key 
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 from lycoris.functional import locon, loha, lokr
 from lycoris.functional.general import weight_decompose
@@ -26,6 +29,8 @@ from diffusion_core.adapters.lora import _view, dora_delta, lora_delta
 from diffusion_core.adapters.lora_names import model_targets
 from diffusion_core.checkpoints.keymaps import unet_from_diffusers
 from diffusion_core.checkpoints.text_keys import text_from_transformers
+from diffusion_core.cli import lora_argument, main
+from diffusion_core.generation import read_png_parameters
 from test_pipeline import PROMPT, assert_same_pixels, seeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -108,6 +113,7 @@ def sd1(tmp_path_factory):
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return DiffusionModel.from_pretrained(folder), pipe
+    fresh.folder = folder
     return fresh
 
 
@@ -417,3 +423,38 @@ def test_bad_requests_are_clear_errors(sd1, tmp_path, call, message):
     path = kohya_file(tmp_path / "a.safetensors", ours, [f"lora_unet_{SD1_UNET[0]}"])
     with pytest.raises(ValueError, match=message):
         call(ours, path)
+
+
+# ---- the command line and the PNG ------------------------------------------------------------------------
+
+def test_cli_lora_is_recorded_in_the_png_and_redone_from_it(sd1, tmp_path, capsys):
+    ours, _ = sd1()
+    path = kohya_file(tmp_path / "toy_style.safetensors", ours, [f"lora_unet_{n}" for n in SD1_UNET[:5]])
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    checkpoint = ["--checkpoint", str(sd1.folder)]
+    out = tmp_path / "out"
+    common = ["--steps", "3", "--width", "64", "--height", "64", "--out", str(out)]
+    assert main(["generate", PROMPT, *checkpoint, "--lora", f"{path}:0.7", *common]) == 0
+    assert "LoRA 'toy_style' at scale 0.7 (5 lora): changed 5 weights of unet" in capsys.readouterr().err
+    [png] = out.glob("*.png")
+    assert read_png_parameters(png)["loras"] == [{"name": "toy_style", "file": path.name, "sha256": sha256, "scale": 0.7}]
+    infotext = Image.open(png).text["parameters"]
+    assert infotext.startswith(f"{PROMPT} <lora:toy_style:0.7>\n")
+    assert infotext.endswith(f', Lora hashes: "toy_style: {sha256[:12]}"')
+
+    ours.load_lora(path, 0.7)
+    direct = ours.generate(GenerationConfig.from_png(png), progress=False)
+    assert (np.asarray(direct.image) == np.asarray(Image.open(png))).all()
+    assert main(["generate", "--from", str(png), *checkpoint, "--lora", f"{path}:0.7", "--quiet", "--out", str(out)]) == 0
+    redone = out / capsys.readouterr().out.split()[0]
+    assert (np.asarray(Image.open(redone)) == np.asarray(Image.open(png))).all()
+    with pytest.raises(SystemExit) as error:
+        main(["generate", "--from", str(png), *checkpoint, "--lora", f"{path}:0.5", "--out", str(out)])
+    assert error.value.code == 2
+    assert f"made with LoRA toy_style.safetensors (sha256 {sha256[:12]}) at scale 0.7: pass --lora" in capsys.readouterr().err
+
+
+def test_lora_argument_takes_the_scale_after_the_last_colon():
+    assert lora_argument("a.safetensors") == (Path("a.safetensors"), 1.0)
+    assert lora_argument("dir/a.safetensors:-0.5") == (Path("dir/a.safetensors"), -0.5)
+    assert lora_argument("C:\\loras\\a.safetensors") == (Path("C:\\loras\\a.safetensors"), 1.0)

@@ -11,6 +11,7 @@ lora_names.py; what A1111, ComfyUI and diffusers do differently is in docs/custo
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -228,6 +229,7 @@ class LoraReport:
 
     name: str
     path: str
+    sha256: str  # of the file; A1111's infotext records its first 12 hex digits
     scale: float
     format: dict[str, int]  # format -> modules in it ("lora", "loha", "lokr", "full")
     changed: dict[str, list[str]]  # network -> weights changed
@@ -238,6 +240,10 @@ class LoraReport:
         formats = ", ".join(f"{n} {f}" for f, n in self.format.items())
         skipped = f"; skipped {len(self.skipped)} keys" if self.skipped else ""
         return f"LoRA {self.name!r} at scale {self.scale:g} ({formats}): changed {changed}{skipped}"
+
+    def record(self) -> dict[str, str | float]:
+        """What an image's PNG records of this LoRA, enough to check that a redo uses the same file."""
+        return {"name": self.name, "file": Path(self.path).name, "sha256": self.sha256, "scale": self.scale}
 
 
 @dataclass
@@ -320,7 +326,7 @@ class LoraStack:
         formats: dict[str, int] = {}
         for _, module in matched:
             formats[module.format] = formats.get(module.format, 0) + 1
-        return LoraReport(name, str(path), scale, formats, changed, skipped)
+        return LoraReport(name, str(path), _sha256(path), scale, formats, changed, skipped)
 
     def _parameter_order(self) -> dict[tuple[str, str], int]:
         """(network, parameter) -> its place in the network, so that reports read from input to output."""
@@ -359,6 +365,14 @@ class LoraStack:
                 for scale, target, module in updates:
                     _view(merged, target).add_(scale * module.delta(_view(original, target)))
                 parameter.copy_(merged.to(parameter.dtype))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _view(weight: torch.Tensor, target: Target) -> torch.Tensor:
