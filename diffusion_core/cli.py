@@ -56,7 +56,8 @@ chunk "diffusion-core" holds the parameters as JSON (GenerationConfig.from_png r
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # the bundled shapes model's own tools: python -m diffusion_core.toy.train / .evaluate
 TOY_COMMANDS = {"train": "train the bundled shapes model from scratch (python -m diffusion_core.toy.train)",
-                "evaluate": "measure its prompt accuracy (python -m diffusion_core.toy.evaluate)"}
+                "evaluate": "measure its prompt accuracy (python -m diffusion_core.toy.evaluate)",
+                "train-lora": "teach it a new shape with a LoRA (python -m diffusion_core.toy.train_lora)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command in TOY_COMMANDS:  # every flag is theirs
-        importlib.import_module(f".toy.{args.command}", __package__).main(unknown + args.toy_args)
+        module = args.command.replace("-", "_")
+        importlib.import_module(f".toy.{module}", __package__).main(unknown + args.toy_args)
         return 0
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

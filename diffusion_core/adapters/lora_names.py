@@ -18,6 +18,8 @@ from ..models.text_encoder import DualTextEncoder, TextEncoder, TextEncoderConfi
 from ..models.unet import UNetConfig, UNetModel
 
 PEFT_PREFIX = "base_model.model."
+# the matrices of a text block (open_clip names): attention's fused [q; k; v] and output, the MLP's two layers
+TEXT_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,13 @@ def text_targets(config: TextEncoderConfig, component: str, kohya_prefix: str,
     """Every name a LoRA file may give a weight of one CLIP text tower (transformers' names) -> its target."""
     targets = {}
     for ours, theirs in text_key_map(config).items():
-        if not (ours.startswith("transformer.resblocks.") and ours.endswith("weight")) and ours != PROJECTION_KEYS[0]:
+        if not ours.endswith(TEXT_MATRICES) and ours != PROJECTION_KEYS[0]:
             continue  # embeddings, norms and biases: no LoRA format trains them
         for part, their_key in enumerate(theirs):
             target = Target(component, ours, part, len(theirs), transposed=ours == PROJECTION_KEYS[0])
             module = their_key.removesuffix(".weight")
             in_text_model = [] if ours == PROJECTION_KEYS[0] else [TRANSFORMERS_PREFIX + module]
-            for name in (module, *in_text_model):  # transformers 5 saves without `text_model.`, kohya with it
+            for name in (*in_text_model, module):  # kohya writes `text_model.` (listed first), transformers 5 not
                 targets[kohya_prefix + name.replace(".", "_")] = target
                 targets.update((prefix + name, target) for prefix in dotted_prefixes)
     return targets

@@ -7,6 +7,7 @@ never appear in training, so evaluation can ask whether the model composes words
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import product
 
@@ -19,6 +20,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
+# A shape the bundled model never saw, for teaching it one with a LoRA (toy/train_lora.py, notebook 09).
+NEW_SHAPES = ("star",)
+STAR_INNER_RADIUS = 0.4  # the five inner corners of the star lie at 0.4 of the points' radius
 IMAGE_SIZE = 64
 SHAPE_SIZE = (24, 48)  # smallest and largest side of the shape's bounding box, in pixels
 # Held out of training: these (foreground, shape) pairs with any background, and white on black with any shape.
@@ -35,7 +39,7 @@ class Scene:
     """What one image shows; `caption` is the text the model is trained on."""
 
     colour: str      # the shape's palette colour
-    shape: str       # "circle", "square" or "triangle"
+    shape: str       # "circle", "square" or "triangle" (or a NEW_SHAPES one, for LoRA lessons)
     background: str  # the background's palette colour, never the shape's
 
     @property
@@ -87,11 +91,29 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
         draw.ellipse(box, fill=fg)
     elif scene.shape == "square":
         draw.rectangle(box, fill=fg)
-    else:  # upright isosceles triangle: apex at the top middle, base along the bottom of the box
+    elif scene.shape == "triangle":  # upright isosceles: apex at the top middle, base along the bottom of the box
         draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fg)
+    elif scene.shape == "star":
+        draw.polygon(star_corners(box), fill=fg)
+    else:
+        raise ValueError(f"shape {scene.shape!r} is not one of {SHAPES + NEW_SHAPES}")
     image = image.resize((size, size), Image.Resampling.BOX)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, PIXEL_NOISE, (size, size, 3))
     return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+
+
+def star_corners(box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """An upright five-pointed star as wide as the box, its top point on the box's top edge: ten corners
+    alternating between the points' radius R and STAR_INNER_RADIUS·R, 36° apart."""
+    left, top, right, _ = box
+    radius = (right - left) / (2 * math.sin(math.radians(72)))  # the two side points span 2R·sin 72°
+    centre = ((left + right) / 2, top + radius)
+    corners = []
+    for i in range(10):
+        r = radius if i % 2 == 0 else radius * STAR_INNER_RADIUS
+        angle = math.radians(-90 + 36 * i)
+        corners.append((centre[0] + r * math.cos(angle), centre[1] + r * math.sin(angle)))
+    return corners
 
 
 def _jitter(colour: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, ...]:
