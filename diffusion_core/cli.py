@@ -203,6 +203,8 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
     sampling.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: 0)")
     sampling.add_argument("--sampler", choices=[s.value for s in SamplerType],
                           help="default: the checkpoint's own scheduler")
+    sampling.add_argument("--clip-skip", type=int, metavar="K", help="read the text encoder K blocks before its "
+                          "usual one (diffusers' meaning; A1111's 'Clip skip 2' is --clip-skip 1)")
     sampling.add_argument("--quality", choices=list(QUALITY_PRESETS),
                           help="sampler and steps for a speed/quality trade-off (explicit flags win)")
     sampling.add_argument("--width", type=int, help="pixels (default: the model's native size)")
@@ -322,7 +324,7 @@ def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationC
              "sampler": args.sampler, "width": args.width, "height": args.height, "prompt_2": args.prompt_2,
              "negative_prompt_2": args.negative_2, "original_size": flip(args.original_size),
              "crops_coords_top_left": flip(args.crop), "target_size": flip(args.target_size),
-             "aesthetic_score": args.aesthetic_score}
+             "aesthetic_score": args.aesthetic_score, "clip_skip": args.clip_skip}
     values.update({k: v for k, v in flags.items() if v is not None})
     if "prompt" not in values:
         raise ValueError("give a prompt (or --from an earlier image)")

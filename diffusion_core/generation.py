@@ -38,6 +38,8 @@ class GenerationConfig:
     guidance_rescale: float = 0.0            # φ of Lin et al. 2023 §3.4 in [0, 1]; 0 = plain CFG
     seed: int | None = 0                     # seeds torch.Generator("cpu"); None draws one (recorded in the result)
     sampler: str | None = None               # a SamplerType name ("euler_a", ...); None = the checkpoint's scheduler
+    clip_skip: int | None = None             # text-encoder blocks skipped before the one read, diffusers' meaning
+                                             # (SD 1.x: 1 = the penultimate); A1111's "Clip skip" is this + 1
     # SDXL only (a ValueError on SD 1.x / 2.x):
     prompt_2: str | None = None              # the text for the second encoder (OpenCLIP bigG); None = prompt
     negative_prompt_2: str | None = None     # the negative text for bigG; None = negative_prompt
@@ -72,6 +74,9 @@ class GenerationConfig:
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         if self.sampler is not None:
             object.__setattr__(self, "sampler", _sampler_name(self.sampler))
+        if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 1):
+            raise ValueError(f"clip_skip must be an integer >= 1 (diffusers' meaning: 1 reads SD 1.x's penultimate "
+                             f"layer, A1111's 'Clip skip 2') or None, got {self.clip_skip!r}")
         for name in SIZE_FIELDS + CROP_FIELDS:  # JSON gives lists
             object.__setattr__(self, name, _pair(name, getattr(self, name), minimum=0 if name in CROP_FIELDS else 1))
         for name in ("aesthetic_score", "negative_aesthetic_score"):
@@ -190,7 +195,7 @@ def _a1111_parameters(result: GeneratedImage) -> str:
     hashes = ", ".join(f"{_a1111_name(lora['name'])}: {lora['sha256'][:12]}" for lora in result.loras)
     return (f"{c.prompt}{tags}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
             f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}"
-            + (f', Lora hashes: "{hashes}"' if hashes else ""))
+            + (f", Clip skip: {c.clip_skip + 1}" if c.clip_skip else "") + (f', Lora hashes: "{hashes}"' if hashes else ""))
 
 
 def _a1111_name(name: str) -> str:

@@ -297,15 +297,21 @@ class DiffusionModel:
 
     def _encode_text(self, configs: list[GenerationConfig], guided: bool) -> Conditioning:
         prompts = [c.prompt for c in configs]
+        skips = {c.clip_skip for c in configs}
+        if len(skips) > 1:
+            raise ValueError(f"the configs of one batch must share clip_skip, got {sorted(skips, key=str)}")
+        skip = skips.pop()  # applied to the negative prompt too (diffusers skips on the positive prompt only)
         if self.config.text_2 is None:  # SD 1.x / 2.x: one CLIP, [negative; positive] in one pass
-            return Conditioning(self.text_encoder([c.negative_prompt for c in configs] + prompts if guided else prompts))
+            texts = [c.negative_prompt for c in configs] + prompts if guided else prompts
+            return Conditioning(self.text_encoder(texts, clip_skip=skip))
         # SDXL: bigG reads prompt_2 (the refiner, which has bigG only, reads prompt, as in diffusers)
         second = None if self.config.family == "sdxl_refiner" else [c.prompt_2 or c.prompt for c in configs]
-        positive = Conditioning(*self.text_encoder(prompts, second))
+        positive = Conditioning(*self.text_encoder(prompts, second, clip_skip=skip))
         if not guided:
             return positive
         negative_second = None if second is None else [c.negative_prompt_2 or c.negative_prompt for c in configs]
-        negative = Conditioning(*self.text_encoder([c.negative_prompt for c in configs], negative_second))
+        negative = Conditioning(*self.text_encoder([c.negative_prompt for c in configs], negative_second,
+                                                   clip_skip=skip))
         # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
         zeros = torch.tensor([self.config.force_zeros_for_empty_prompt and not c.negative_prompt
                               and not c.negative_prompt_2 for c in configs], device=negative.context.device)

@@ -140,16 +140,23 @@ class TextEncoder(nn.Module):
         rows = [[bos, *prompt_ids(p, pad)[: n - 2], eos] for p in prompts]
         return torch.tensor([row + [pad] * (n - len(row)) for row in rows])
 
-    def forward(self, prompts: str | list[str] | torch.Tensor) -> torch.Tensor:
+    def forward(self, prompts: str | list[str] | torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         """The UNet's context: (B, 77, width), on the module's device and dtype.
 
         Args:
             prompts: prompt strings, or token ids (B, 77) from `tokenize`.
+            clip_skip: read that many blocks before the one the config reads (diffusers' meaning, see `encode`).
         """
-        return self.encode(prompts)[0]
+        return self.encode(prompts, clip_skip)[0]
 
-    def encode(self, prompts: str | list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(context (B, 77, width), pooled (B, projection_dim) or None when the tower has no projection)."""
+    def encode(self, prompts: str | list[str] | torch.Tensor,
+               clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (B, 77, width), pooled (B, projection_dim) or None when the tower has no projection).
+
+        clip_skip k reads the output of k blocks before the one `config.layer_index` names, through the same
+        final norm (or none): SD 1.x's hidden state -(k+1) then ln_final, SDXL's -(k+2) raw, as diffusers. The
+        pooled embedding always comes from the last block.
+        """
         c, n = self.config, self.config.context_length
         tokens = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
         if tokens.dtype != torch.long or tokens.shape[1:] != (n,):
@@ -160,7 +167,10 @@ class TextEncoder(nn.Module):
         # Causal mask: token i attends to tokens 0..i only, as CLIP was trained. Built here rather than kept as a
         # buffer, so an encoder made on the meta device loads with load_state_dict(assign=True).
         mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        read_at = c.layers + c.layer_index + 1  # blocks run before the context is read
+        read_at = c.layers + c.layer_index + 1 - (clip_skip or 0)  # blocks run before the context is read
+        if read_at < 1:
+            raise ValueError(f"clip_skip {clip_skip} skips all {read_at + clip_skip} blocks this text encoder reads "
+                             f"through; at most {read_at + clip_skip - 1}")
         pooled = None
         for i, block in enumerate(self.transformer.resblocks[: c.layers if c.projection_dim else read_at]):
             x = block(x, attn_mask=mask)
@@ -185,20 +195,21 @@ class DualTextEncoder(nn.Module):
         self.clip_g = TextEncoder(clip_g)
 
     def forward(self, prompts: str | list[str], prompts_2: str | list[str] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(context (B, 77, 2048), pooled (B, 1280)); the refiner's context is bigG's alone, (B, 77, 1280).
 
         Args:
             prompts: the text for CLIP ViT-L (and, on the refiner, for bigG, as diffusers reads it).
             prompts_2: the text for bigG; None = prompts.
+            clip_skip: on both towers (TextEncoder.encode).
         """
         if self.clip_l is None:
             if prompts_2 is not None and prompts_2 != prompts:
                 raise ValueError("the refiner has one text encoder (bigG), which reads `prompts`; prompts_2 has "
                                  "nowhere to go")
-            return self.clip_g.encode(prompts)
-        context_l, _ = self.clip_l.encode(prompts)
-        context_g, pooled = self.clip_g.encode(prompts if prompts_2 is None else prompts_2)
+            return self.clip_g.encode(prompts, clip_skip)
+        context_l, _ = self.clip_l.encode(prompts, clip_skip)
+        context_g, pooled = self.clip_g.encode(prompts if prompts_2 is None else prompts_2, clip_skip)
         if len(context_l) != len(context_g):
             raise ValueError(f"prompts and prompts_2 must be as many, got {len(context_l)} and {len(context_g)}")
         return torch.cat([context_l, context_g], dim=-1), pooled  # (B, 77, 768 + 1280)
