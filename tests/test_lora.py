@@ -267,6 +267,23 @@ def test_dora_equals_lycoris_weight_decompose_and_the_strength_rule(sd1, tmp_pat
     torch.testing.assert_close(dora_delta(weight, delta, magnitude), expected - weight, **TOL)
 
 
+def test_full_diff_and_diffusers_older_names_follow_the_formula(sd1, tmp_path):
+    """LyCORIS' full ΔW (`diff`), and diffusers' attention-processor names (`processor.to_q_lora.down.weight`),
+    which mean the same as kohya's `to_q.lora_down.weight`."""
+    ours, _ = sd1()
+    g = torch.Generator().manual_seed(4)
+    full, old = f"lora_unet_{SD1_UNET[7]}", f"lora_unet_{SD1_UNET[0]}"
+    diff = torch.randn(target_shape(ours, full), generator=g) * 0.01
+    down, up = lora_pair(target_shape(ours, old), 4, g)
+    before = {n: weight_of(ours, n).clone() for n in (full, old)}
+    module = "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1"
+    save_file({f"{full}.diff": diff, f"{module}.processor.to_q_lora.down.weight": down,
+               f"{module}.processor.to_q_lora.up.weight": up}, tmp_path / "mixed.safetensors")
+    assert ours.load_lora(tmp_path / "mixed.safetensors", scale=0.5).format == {"full": 1, "lora": 1}
+    torch.testing.assert_close(weight_of(ours, full), before[full] + 0.5 * diff, **TOL)
+    torch.testing.assert_close(weight_of(ours, old), before[old] + 0.5 * up @ down, **TOL)
+
+
 # ---- what diffusers 0.42 gets wrong: ours follows the formula --------------------------------------------
 
 def formula(weight: torch.Tensor, path: Path, name: str, scale: float = 1.0) -> torch.Tensor:
