@@ -44,9 +44,10 @@ class LoraTrainConfig:
     """The recipe; `python -m diffusion_core.toy.train_lora --help` exposes each field as a flag."""
 
     shape: str = "star"        # the new shape (dataset.NEW_SHAPES)
+    targets: str = "all"       # "all": every UNet and text-block weight; "attention": the UNet's transformers only
     rank: int = 8              # r: inner size of each up·down product
     alpha: float = 8.0         # α: the update is scaled by α/r
-    steps: int = 1500          # optimiser steps
+    steps: int = 800           # optimiser steps
     batch: int = 32            # latents per step, half of them the new shape
     lr: float = 2e-3           # peak AdamW learning rate, cosine-decayed to 10%
     pool_size: int = 4096      # images encoded once, half of them the new shape
@@ -79,13 +80,18 @@ class LoraUpdate(nn.Module):
         return torch.cat(blocks)
 
 
-def attach_lora(model: DiffusionModel, rank: int, alpha: float, seed: int) -> dict[str, LoraUpdate]:
-    """A LoraUpdate on every UNet and text-block weight LoRA files can name; {kohya name: update}."""
+def attach_lora(model: DiffusionModel, rank: int, alpha: float, seed: int, targets: str = "all") -> dict[str, LoraUpdate]:
+    """A LoraUpdate on every UNet and text-block weight LoRA files can name (targets="attention": in the UNet,
+    only its transformers'); {kohya name: update}."""
+    if targets not in ("all", "attention"):
+        raise ValueError(f"targets {targets!r} is not 'all' or 'attention'")
     generator = torch.Generator().manual_seed(seed)
     updates, seen = {}, set()
     for name, target in model_targets(model.unet.config, model.text_encoder).items():
         if not name.startswith("lora_") or target in seen or target.transposed:
             continue  # the first spelling of each target is kohya's (lora_names.py lists it first)
+        if targets == "attention" and name.startswith("lora_unet_") and "_attentions_" not in name:
+            continue
         seen.add(target)
         network = functools.reduce(getattr, target.component.split("."), model)
         module_name, _, tensor_name = target.key.rpartition(".")
@@ -142,7 +148,7 @@ def train_lora(c: LoraTrainConfig, out: Path, minutes: float | None = None) -> P
     model = DiffusionModel()
     model.unet.requires_grad_(False), model.text_encoder.requires_grad_(False), model.vae.requires_grad_(False)
     pool = encode_pool(model, c)
-    updates = attach_lora(model, c.rank, c.alpha, c.seed)
+    updates = attach_lora(model, c.rank, c.alpha, c.seed, c.targets)
     params = [p for update in updates.values() for p in update.parameters()]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
     recipe = TrainConfig(seed=c.seed)  # the base model's noise, caption dropout and v target
