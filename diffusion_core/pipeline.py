@@ -143,6 +143,19 @@ class DiffusionModel:
         """Take one LoRA (None: all) out of the weights; a weight no other file changes is restored bit for bit."""
         self.loras.unload(name)
 
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding's word to the text encoder(s) (adapters/textual_inversion.py).
+
+        Args:
+            path: an A1111 .pt / .safetensors, a diffusers .bin / .safetensors, or an SDXL clip_l + clip_g file.
+            token: the word prompts use; by default the file's stem (A1111, SDXL) or its one key (diffusers).
+                It matches in any case and only as a whole word; a word CLIP knows or one already loaded is refused.
+        Returns: the token.
+        """
+        from .adapters.textual_inversion import load_textual_inversion
+
+        return load_textual_inversion(self.text_encoder, path, token)
+
     def _upcast_vae(self) -> None:
         """SDXL's VAE overflows in fp16: it runs in fp32 on weights rounded to fp16, as diffusers' force_upcast."""
         if self.vae.config.force_upcast and next(self.vae.parameters()).dtype == torch.float16:

@@ -1,7 +1,8 @@
 """CLIP text encoder: prompts -> the (B, 77, D) context the UNet cross-attends to (Radford et al. 2021, §2.4).
 
 A thin wrapper over open_clip's tokenizer and transformer blocks, so that module names are open_clip's
-and an SD2 checkpoint's `cond_stage_model.model.*` weights load with plain `load_state_dict`.
+and an SD2 checkpoint's `cond_stage_model.model.*` weights load with plain `load_state_dict`. Textual inversion
+(adapters/textual_inversion.py) adds words of its own: `add_token` appends their vectors to `token_embedding`.
 """
 from __future__ import annotations
 
@@ -105,6 +106,31 @@ def special_tokens(pad_token_id: int) -> dict[str, int]:
     return special
 
 
+def in_clip_vocabulary(word: str) -> bool:
+    """Whether CLIP's vocabulary holds the word, in any case: whole ("cat</w>"), as a piece ("cat") or special."""
+    bpe, word = _bpe(), word.lower()
+    piece = "".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))
+    return piece in bpe.encoder or piece + "</w>" in bpe.encoder or word in special_tokens(bpe.eot_token_id)
+
+
+def token_pattern(tokens: list[str]) -> regex.Pattern:
+    """One group per token, in the given order (longest first, so a longer token wins where both could match).
+
+    A token matches in any case, with any run of whitespace between its words, and never inside a word: where it
+    begins (ends) with a letter or digit, the prompt's character just before (after) the match is not one. So
+    "mystyle" fires in "a MyStyle", "mystyle," and "(mystyle)", not in "mystyles" or "notmystyle"; "<my-style>"
+    fires in "a<my-style>b" too.
+    """
+    edge = regex.compile(r"[\p{L}\p{N}]")
+    groups = []
+    for token in tokens:
+        body = r"\s+".join(map(regex.escape, token.split()))
+        before = r"(?<![\p{L}\p{N}])" if edge.match(token[0]) else ""
+        after = r"(?![\p{L}\p{N}])" if edge.match(token[-1]) else ""
+        groups.append(f"({before}{body}{after})")
+    return regex.compile("|".join(groups), regex.IGNORECASE)
+
+
 def prompt_ids(prompt: str, pad_token_id: int) -> list[int]:
     """A prompt's token ids, without BOS and EOS, split and encoded as transformers' CLIPTokenizer does."""
     special = special_tokens(pad_token_id)
@@ -120,6 +146,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         c = self.config = config
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.added_tokens: dict[str, list[int]] = {}  # textual inversion: word -> its ids, vocab_size and above
+        self._added_order: list[str] = []  # added_tokens longest first, the order of token_pattern's groups
+        self._added_pattern: regex.Pattern | None = None
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.width).normal_(std=0.01))
         self.transformer = Transformer(c.width, c.layers, c.heads, act_layer=ACTIVATIONS[c.activation])
         self.ln_final = LayerNorm(c.width)
@@ -137,8 +166,58 @@ class TextEncoder(nn.Module):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
         n, pad = self.config.context_length, self.config.pad_token_id
         bos, eos = _bpe().sot_token_id, _bpe().eot_token_id
-        rows = [[bos, *prompt_ids(p, pad)[: n - 2], eos] for p in prompts]
+        rows = [[bos, *self.text_ids(p)[: n - 2], eos] for p in prompts]
         return torch.tensor([row + [pad] * (n - len(row)) for row in rows])
+
+    def text_ids(self, text: str) -> list[int]:
+        """A text's ids without BOS and EOS: each added token (see `token_pattern`) as its ids, the rest as CLIP's."""
+        pad = self.config.pad_token_id
+        if self._added_pattern is None:
+            return prompt_ids(text, pad)
+        text, ids, start = unicodedata.normalize("NFC", text), [], 0
+        for match in self._added_pattern.finditer(text):
+            token = self._added_order[match.lastindex - 1]
+            ids += prompt_ids(text[start:match.start()], pad) + self.added_tokens[token]
+            start = match.end()
+        return ids + prompt_ids(text[start:], pad)
+
+    def check_new_token(self, token: str, vectors: torch.Tensor) -> str:
+        """The token as `add_token` stores it (NFC, single spaces), or a ValueError saying why it cannot be added."""
+        word = " ".join(unicodedata.normalize("NFC", token).split())
+        if not word:
+            raise ValueError(f"token {token!r} is empty; a textual inversion embedding needs a word for prompts to use")
+        if in_clip_vocabulary(word):
+            raise ValueError(f"token {word!r} is already in CLIP's vocabulary, and an embedding would hide that word; "
+                             f"pass token= with a word CLIP does not know, such as '<{word}>'")
+        loaded = {t.lower(): t for t in self.added_tokens}
+        if word.lower() in loaded:
+            raise ValueError(f"token {word!r} is already loaded (as {loaded[word.lower()]!r}; tokens match in any "
+                             f"case) and is never overwritten; pass another token=")
+        if vectors.ndim != 2 or not len(vectors) or vectors.shape[1] != self.config.width:
+            raise ValueError(f"vectors of shape {tuple(vectors.shape)} do not fit this text encoder: it takes "
+                             f"(n_vectors >= 1, width {self.config.width})")
+        return word
+
+    def add_token(self, token: str, vectors: torch.Tensor) -> list[int]:
+        """Give a new word its own rows of `token_embedding` (textual inversion), ids vocab_size, vocab_size + 1, ...
+
+        Args:
+            token: the word prompts use; it matches as `token_pattern` says.
+            vectors: (n_vectors, width); the word reads as n_vectors tokens.
+        Returns: the new ids.
+        """
+        word = self.check_new_token(token, vectors)
+        old, c = self.token_embedding.weight, self.config
+        grown = nn.Embedding(c.vocab_size + len(vectors), c.width, device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            grown.weight.copy_(torch.cat([old, vectors.to(old)]))
+        grown.weight.requires_grad_(old.requires_grad)
+        self.token_embedding = grown
+        self.config = replace(c, vocab_size=grown.num_embeddings)  # so TextEncoder(config) loads this state dict
+        self.added_tokens[word] = list(range(c.vocab_size, grown.num_embeddings))
+        self._added_order = sorted(self.added_tokens, key=len, reverse=True)
+        self._added_pattern = token_pattern(self._added_order)
+        return self.added_tokens[word]
 
     def forward(self, prompts: str | list[str] | torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         """The UNet's context: (B, 77, width), on the module's device and dtype.
@@ -177,6 +256,7 @@ class TextEncoder(nn.Module):
             if i + 1 == read_at:
                 context = self.ln_final(x) if c.final_norm else x
         if c.projection_dim is not None:  # CLIP's text feature: the final-normed state at the (first) EOS token
+            # found by its id, not as transformers' legacy argmax(ids), which an added token (id > EOS) would win
             eos = (tokens == _bpe().eot_token_id).int().argmax(dim=1)  # (B,)
             pooled = self.ln_final(x)[torch.arange(len(x), device=x.device), eos] @ self.text_projection
         return context, pooled
