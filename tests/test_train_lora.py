@@ -72,3 +72,16 @@ def test_held_out_star_scenes():
     assert len(held_out) == 8 and len(new_shape_scenes("star", held_out=False)) == 48
     assert {(s.colour, s.background) for s in held_out} == {("green", b) for b in
                                                             ("red", "blue", "yellow", "purple", "orange", "white", "black")} | {HELD_OUT_STARS[1]}
+
+
+def test_the_bundled_star_lora_is_the_default_recipe_and_loads():
+    from safetensors import safe_open
+    from diffusion_core.toy import STAR_LORA
+    from dataclasses import asdict
+    with safe_open(STAR_LORA, "pt") as f:
+        assert f.metadata()["diffusion_core_train_lora"] == str(asdict(LoraTrainConfig()))
+    model = DiffusionModel()
+    expected = len(attach_lora(model, rank=8, alpha=8.0, seed=0))
+    detach_lora(model)
+    report = model.load_lora(STAR_LORA)
+    assert report.format == {"lora": expected} and set(report.changed) == {"unet", "text_encoder"}
