@@ -89,9 +89,9 @@ SCHEDULE_DOCTESTS = [  # g = lambda p: get_learned_conditioning_prompt_schedules
     ("a[b:[c:d:2]:1]e", [[1, "abe"], [2, "ace"], [10, "ade"]]),
     ("a [unbalanced", [[10, "a [unbalanced"]]),
     ("a [b:.5] c", [[5, "a  c"], [10, "a b c"]]),
-    pytest.param("a [{b|d{:.5] c", [[5, "a  c"], [10, "a {b|d{ c"]], marks=pytest.mark.xfail(
-        strict=True, reason="A1111's doctest, marked 'not handling this right now', fails on A1111's own code: "
-                            "a '|' outside [a|b] is a syntax error, so the prompt stays as written")),
+    # A1111's docstring also lists g("a [{b|d{:.5] c") == [[5, 'a  c'], [10, 'a {b|d{ c']] ("not handling this
+    # right now"); A1111's own code returns the prompt as written (a '|' outside [a|b] is a syntax error), and
+    # test_schedule_doctest_that_a1111_fails_gives_a1111s_output asserts what the code does.
     ("((a][:b:c [d:3]", [[3, "((a][:b:c "], [10, "((a][:b:c d"]]),
     ("[a|(b:1.1)]", [[1, "a"], [2, "(b:1.1)"], [3, "a"], [4, "(b:1.1)"], [5, "a"], [6, "(b:1.1)"], [7, "a"],
                      [8, "(b:1.1)"], [9, "a"], [10, "(b:1.1)"]]),
