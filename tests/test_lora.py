@@ -8,7 +8,6 @@ against the formula. Every file here is random, written in the format's own key 
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 import checkpoint_fixtures as fx
 import sdxl_fixtures as sx
 from diffusion_core import DiffusionModel, GenerationConfig
-from diffusion_core.adapters.lora import _view, dora_delta, lora_delta
+from diffusion_core.adapters.lora import dora_delta, lora_delta
 from diffusion_core.adapters.lora_names import model_targets
 from diffusion_core.checkpoints.keymaps import unet_from_diffusers
 from diffusion_core.checkpoints.text_keys import text_from_transformers
@@ -57,8 +56,7 @@ SDXL_UNET = ["input_blocks_4_1_transformer_blocks_0_attn1_to_q", "input_blocks_4
 def weight_of(model: DiffusionModel, name: str) -> torch.Tensor:
     """The weight (or row block) a LoRA module name points at, as our model holds it now."""
     target = model_targets(model.unet.config, model.text_encoder)[name]
-    network = functools.reduce(getattr, target.component.split("."), model)
-    return _view(network.get_parameter(target.key).detach(), target)
+    return target.view(target.parameter(model).detach())
 
 
 def target_shape(model: DiffusionModel, name: str) -> tuple[int, ...]:

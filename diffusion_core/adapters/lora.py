@@ -10,7 +10,6 @@ lora_names.py; what A1111, ComfyUI and diffusers do differently is in docs/custo
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -24,8 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints.loader import open_weights
-from ..models.text_encoder import TextEncoder
-from .lora_names import Target, model_targets
+from .lora_names import Target, model_targets, network, text_towers
 
 if TYPE_CHECKING:
     from ..pipeline import DiffusionModel
@@ -299,7 +297,7 @@ class LoraStack:
     def _match(self, path: Path, modules: dict[str, LoraModule], unknown: list[str],
                strict: bool) -> tuple[list[tuple[Target, LoraModule]], list[str]]:
         """Each module's target, or the keys that have none (an error unless strict=False)."""
-        targets = _targets(self.model)
+        targets = model_targets(self.model.unet.config, self.model.text_encoder)
         matched, unmatched = [], list(unknown)
         for name, module in modules.items():
             bad = module.unused_suffixes()
@@ -330,20 +328,14 @@ class LoraStack:
 
     def _parameter_order(self) -> dict[tuple[str, str], int]:
         """(network, parameter) -> its place in the network, so that reports read from input to output."""
-        text = self.model.text_encoder
-        networks = {"unet": self.model.unet, **({"text_encoder": text} if isinstance(text, TextEncoder) else
-                    {f"text_encoder.{n}": getattr(text, n) for n in ("clip_l", "clip_g") if getattr(text, n)})}
+        networks = {"unet": self.model.unet, **text_towers(self.model.text_encoder)}
         return {(c, key): i for c, network in networks.items() for i, (key, _) in enumerate(network.named_parameters())}
-
-    def _parameter(self, component: str, key: str) -> torch.Tensor:
-        network = functools.reduce(getattr, component.split("."), self.model)
-        return network.get_parameter(key)
 
     def _original(self, target: Target) -> torch.Tensor:
         """The target's original weight in fp32 (its row block, transposed for open_clip's projection)."""
         stored = self.originals.get((target.component, target.key))
-        weight = (self._parameter(target.component, target.key) if stored is None else stored).float()
-        return _view(weight, target)
+        weight = (target.parameter(self.model) if stored is None else stored).float()
+        return target.view(weight)
 
     def _merge(self, weights: set[tuple[str, str]]) -> None:
         """W = cast(W₀ + Σ_files s·ΔW) for each weight named; a weight no file changes gets W₀ back, bit for bit."""
@@ -353,7 +345,7 @@ class LoraStack:
                 by_weight.setdefault((target.component, target.key), []).append((loaded.scale, target, module))
         with torch.no_grad():
             for component, key in weights:
-                parameter = self._parameter(component, key)
+                parameter = network(self.model, component).get_parameter(key)
                 if (component, key) not in self.originals:
                     self.originals[(component, key)] = parameter.detach().clone()
                 updates = by_weight.get((component, key), [])
@@ -363,7 +355,7 @@ class LoraStack:
                 original = self.originals[(component, key)].float()
                 merged = original.clone()
                 for scale, target, module in updates:
-                    _view(merged, target).add_(scale * module.delta(_view(original, target)))
+                    target.view(merged).add_(scale * module.delta(target.view(original)))
                 parameter.copy_(merged.to(parameter.dtype))
 
 
@@ -374,13 +366,3 @@ def _sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _view(weight: torch.Tensor, target: Target) -> torch.Tensor:
-    """The part of a weight a target names, as a view: a row block of [q; k; v], or the transposed projection."""
-    if target.parts > 1:
-        weight = weight.chunk(target.parts)[target.part]
-    return weight.T if target.transposed else weight
-
-
-def _targets(model: DiffusionModel) -> dict[str, Target]:
-    return model_targets(model.unet.config, model.text_encoder)

@@ -8,9 +8,11 @@ carry LDM's and open_clip's names, so the table is derived from the key maps tha
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..checkpoints.keymaps import unet_key_pairs
 from ..checkpoints.text_keys import PROJECTION_KEYS, TRANSFORMERS_PREFIX, text_key_map
@@ -35,6 +37,38 @@ class Target:
     def describe(self) -> str:
         """The weight as our modules name it, e.g. "transformer.resblocks.0.attn.in_proj_weight[k]"."""
         return self.key + (f"[{'qkv'[self.part]}]" if self.parts == 3 else "")
+
+    def parameter(self, model) -> nn.Parameter:
+        """The whole weight this target is part of, in a DiffusionModel."""
+        return network(model, self.component).get_parameter(self.key)
+
+    def view(self, weight: torch.Tensor) -> torch.Tensor:
+        """The part of the whole weight this target names, as a view: a row block of [q; k; v], or the transposed
+        projection. Writing into it writes into the weight."""
+        if self.parts > 1:
+            rows = len(weight) // self.parts
+            weight = weight.narrow(0, self.part * rows, rows)  # one view (chunk's several refuse autograd's in-place)
+        return weight.T if self.transposed else weight
+
+    def plus(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """weight with delta added to this target's part, out of place (so autograd can follow it)."""
+        merged = weight.clone()
+        part = self.view(merged)
+        part.add_(delta.reshape(part.shape))
+        return merged
+
+
+def network(model, component: str) -> nn.Module:
+    """The network a component path names in a DiffusionModel: "unet", "text_encoder", "text_encoder.clip_g"."""
+    return functools.reduce(getattr, component.split("."), model)
+
+
+def text_towers(text_encoder: TextEncoder | DualTextEncoder) -> dict[str, TextEncoder]:
+    """{component path: tower} of a model's text encoder: one for SD 1.x / 2.x, clip_l and clip_g for SDXL."""
+    if isinstance(text_encoder, TextEncoder):
+        return {"text_encoder": text_encoder}
+    towers = {"text_encoder.clip_l": text_encoder.clip_l, "text_encoder.clip_g": text_encoder.clip_g}
+    return {component: tower for component, tower in towers.items() if tower is not None}
 
 
 def unet_targets(config: UNetConfig) -> dict[str, Target]:
@@ -73,11 +107,10 @@ def text_targets(config: TextEncoderConfig, component: str, kohya_prefix: str,
 
 def model_targets(unet_config: UNetConfig, text_encoder: TextEncoder | DualTextEncoder) -> dict[str, Target]:
     """The whole table of a model: its UNet and each of its text towers."""
+    names = {"text_encoder": ("lora_te_", ("text_encoder.", PEFT_PREFIX)),  # (kohya prefix, dotted prefixes)
+             "text_encoder.clip_l": ("lora_te1_", ("text_encoder.",)),
+             "text_encoder.clip_g": ("lora_te2_", ("text_encoder_2.",))}
     targets = unet_targets(unet_config)
-    if isinstance(text_encoder, TextEncoder):
-        targets.update(text_targets(text_encoder.config, "text_encoder", "lora_te_", ("text_encoder.", PEFT_PREFIX)))
-        return targets
-    if text_encoder.clip_l is not None:
-        targets.update(text_targets(text_encoder.clip_l.config, "text_encoder.clip_l", "lora_te1_", ("text_encoder.",)))
-    targets.update(text_targets(text_encoder.clip_g.config, "text_encoder.clip_g", "lora_te2_", ("text_encoder_2.",)))
+    for component, tower in text_towers(text_encoder).items():
+        targets.update(text_targets(tower.config, component, *names[component]))
     return targets

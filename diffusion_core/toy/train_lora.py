@@ -12,7 +12,6 @@ overwriting the others. The result is a kohya-format file that `DiffusionModel.l
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters.lora import lora_delta
-from ..adapters.lora_names import Target, model_targets
+from ..adapters.lora_names import Target, model_targets, network
 from ..pipeline import DiffusionModel
 from ..schedulers import make_scheduler
 from .dataset import NEW_SHAPES, PALETTE, SHAPES, Scene, render, seen_scenes
@@ -74,10 +73,7 @@ class LoraUpdate(nn.Module):
         self.up = nn.Parameter(torch.zeros(out, rank, *[1] * len(kernel)))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = lora_delta(self.up, self.down, self.scale)
-        blocks = list(weight.chunk(self.target.parts))
-        blocks[self.target.part] = blocks[self.target.part] + delta.reshape(blocks[self.target.part].shape)
-        return torch.cat(blocks)
+        return self.target.plus(weight, lora_delta(self.up, self.down, self.scale))
 
 
 def attach_lora(model: DiffusionModel, rank: int, alpha: float, seed: int, targets: str = "all") -> dict[str, LoraUpdate]:
@@ -93,9 +89,8 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float, seed: int, targe
         if targets == "attention" and name.startswith("lora_unet_") and "_attentions_" not in name:
             continue
         seen.add(target)
-        network = functools.reduce(getattr, target.component.split("."), model)
         module_name, _, tensor_name = target.key.rpartition(".")
-        module = network.get_submodule(module_name)
+        module = network(model, target.component).get_submodule(module_name)
         update = LoraUpdate(target, getattr(module, tensor_name).shape, rank, alpha, generator)
         parametrize.register_parametrization(module, tensor_name, update)
         updates[name] = update
