@@ -177,6 +177,9 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
     model.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on cuda, float32 elsewhere")
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                        help="merge a LoRA / LyCORIS file at a strength (default 1); repeat to stack several")
+    model.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                       help="load a textual-inversion embedding; prompts use it by the file's stem (A1111) or its "
+                       "key (diffusers); repeat for several")
     model.add_argument("--turbo", action="store_true", help="an SD-Turbo / SDXL-Turbo checkpoint: Euler ancestral, "
                        "trailing timesteps, 1 step, guidance 0, 512 px")
     sdxl = command.add_argument_group("SDXL")
@@ -205,6 +208,9 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
                           help="default: the checkpoint's own scheduler")
     sampling.add_argument("--clip-skip", type=int, metavar="K", help="read the text encoder K blocks before its "
                           "usual one (diffusers' meaning; A1111's 'Clip skip 2' is --clip-skip 1)")
+    sampling.add_argument("--prompt-weighting", action="store_true", default=None,
+                          help="read prompts in A1111's syntax: (word:1.3), [word], BREAK, [from:to:when], [a|b], "
+                          "no 77-token limit (default: literal text, as diffusers)")
     sampling.add_argument("--quality", choices=list(QUALITY_PRESETS),
                           help="sampler and steps for a speed/quality trade-off (explicit flags win)")
     sampling.add_argument("--width", type=int, help="pixels (default: the model's native size)")
@@ -238,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     refined = _refiner_settings(args)  # from the flags, or the PNG of --from
     model = _load_model(args)
     _load_loras(model, args)
+    _load_embeddings(model, args)
     refiner = _load_model(args, refined[0]) if refined else None
     base = _base_config(args, model)
     configs = [GenerationConfig.from_dict({**base.to_dict(), "seed": base.seed + i}) for i in range(args.n)]
@@ -297,6 +304,20 @@ def _load_loras(model: DiffusionModel, args: argparse.Namespace) -> None:
         raise ValueError(f"{args.from_png} was made with LoRA {wanted}: pass --lora FILE:SCALE for each to redo it")
 
 
+def _load_embeddings(model: DiffusionModel, args: argparse.Namespace) -> None:
+    """Each --embedding added to the model; with --from, every embedding its PNG records must be given again."""
+    for path in args.embedding:
+        token = model.load_textual_inversion(path)
+        if not args.quiet:
+            print(f"embedding {path}: prompts use it as {token!r}", file=sys.stderr)
+    recorded = read_png_parameters(args.from_png).get("embeddings", []) if args.from_png else []
+    given = {(e["token"], e["sha256"]) for e in model.embeddings.values()}
+    missing = [e for e in recorded if (e["token"], e["sha256"]) not in given]
+    if missing:
+        wanted = ", ".join(f"{e['file']} (sha256 {e['sha256'][:12]}) as {e['token']!r}" for e in missing)
+        raise ValueError(f"{args.from_png} was made with embedding {wanted}: pass --embedding FILE for each to redo it")
+
+
 def _refiner_settings(args: argparse.Namespace) -> tuple[Path, float] | None:
     """(refiner file, switch) from --refiner / --refiner-switch-at; --from's PNG names the refiner it used."""
     refiner, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
@@ -324,7 +345,8 @@ def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationC
              "sampler": args.sampler, "width": args.width, "height": args.height, "prompt_2": args.prompt_2,
              "negative_prompt_2": args.negative_2, "original_size": flip(args.original_size),
              "crops_coords_top_left": flip(args.crop), "target_size": flip(args.target_size),
-             "aesthetic_score": args.aesthetic_score, "clip_skip": args.clip_skip}
+             "aesthetic_score": args.aesthetic_score, "clip_skip": args.clip_skip,
+             "prompt_weighting": args.prompt_weighting}
     values.update({k: v for k, v in flags.items() if v is not None})
     if "prompt" not in values:
         raise ValueError("give a prompt (or --from an earlier image)")

@@ -40,6 +40,8 @@ class GenerationConfig:
     sampler: str | None = None               # a SamplerType name ("euler_a", ...); None = the checkpoint's scheduler
     clip_skip: int | None = None             # text-encoder blocks skipped before the one read, diffusers' meaning
                                              # (SD 1.x: 1 = the penultimate); A1111's "Clip skip" is this + 1
+    prompt_weighting: bool = False           # read prompts in A1111's syntax: (word:1.3), [word], BREAK, [a:b:10],
+                                             # [a|b], no 77-token limit (weighted_text.py); False = literal text
     # SDXL only (a ValueError on SD 1.x / 2.x):
     prompt_2: str | None = None              # the text for the second encoder (OpenCLIP bigG); None = prompt
     negative_prompt_2: str | None = None     # the negative text for bigG; None = negative_prompt
@@ -77,6 +79,9 @@ class GenerationConfig:
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 1):
             raise ValueError(f"clip_skip must be an integer >= 1 (diffusers' meaning: 1 reads SD 1.x's penultimate "
                              f"layer, A1111's 'Clip skip 2') or None, got {self.clip_skip!r}")
+        if not isinstance(self.prompt_weighting, bool):
+            raise ValueError(f"prompt_weighting must be True (A1111's prompt syntax) or False (literal text), "
+                             f"got {self.prompt_weighting!r}")
         for name in SIZE_FIELDS + CROP_FIELDS:  # JSON gives lists
             object.__setattr__(self, name, _pair(name, getattr(self, name), minimum=0 if name in CROP_FIELDS else 1))
         for name in ("aesthetic_score", "negative_aesthetic_score"):
@@ -158,13 +163,16 @@ class GeneratedImage:
     refiner: str | None = None   # SDXL ensemble of experts: the refiner's name
     refiner_switch_at: float | None = None  # and the fraction of the schedule after which it took over
     loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # LoraReport.record() of each LoRA loaded
+    embeddings: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {token, file, sha256} of each
+                                                                                # embedding the prompts use
 
     def parameters(self) -> dict[str, Any]:
         """What the PNG text chunk records: the config, the mode, the model (and refiner)."""
         refiner = {"refiner": self.refiner, "refiner_switch_at": self.refiner_switch_at} if self.refiner else {}
         loras = {"loras": self.loras} if self.loras else {}
+        embeddings = {"embeddings": self.embeddings} if self.embeddings else {}
         return {**self.config.to_dict(), "mode": self.mode, "strength": self.strength, "model": self.model,
-                "steps_taken": self.steps_taken, **refiner, **loras}
+                "steps_taken": self.steps_taken, **refiner, **loras, **embeddings}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a PNG carrying parameters() in its text chunk; an existing file is an error unless overwrite."""
@@ -188,14 +196,17 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
 
 def _a1111_parameters(result: GeneratedImage) -> str:
     """A1111's infotext; a LoRA appears as A1111 users write it, `<lora:name:scale>` in the prompt, and in
-    "Lora hashes" (name: the first 12 hex digits of its sha256)."""
+    "Lora hashes" (name: the first 12 hex digits of its sha256); an embedding the prompts use in "TI hashes"."""
     c = result.config
     tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in result.loras)
     negative = f"\nNegative prompt: {c.negative_prompt}" if c.negative_prompt else ""
-    hashes = ", ".join(f"{_a1111_name(lora['name'])}: {lora['sha256'][:12]}" for lora in result.loras)
+    lora_hashes = ", ".join(f"{_a1111_name(lora['name'])}: {lora['sha256'][:12]}" for lora in result.loras)
+    ti_hashes = ", ".join(f"{_a1111_name(e['token'])}: {e['sha256'][:12]}" for e in result.embeddings)
     return (f"{c.prompt}{tags}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
             f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}"
-            + (f", Clip skip: {c.clip_skip + 1}" if c.clip_skip else "") + (f', Lora hashes: "{hashes}"' if hashes else ""))
+            + (f", Clip skip: {c.clip_skip + 1}" if c.clip_skip else "")
+            + (f', TI hashes: "{ti_hashes}"' if ti_hashes else "")
+            + (f', Lora hashes: "{lora_hashes}"' if lora_hashes else ""))
 
 
 def _a1111_name(name: str) -> str:

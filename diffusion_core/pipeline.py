@@ -27,16 +27,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .adapters.lora import LoraReport, LoraStack
+from .adapters.lora import LoraReport, LoraStack, file_sha256
 from .generation import GeneratedImage, GenerationConfig, DenoisingStep, read_png_parameters
 from .guidance import is_guided
 from .images import image_to_model_input, mask_to_model_input, tensor_to_pil
 from .memory import TILE_LATENT, BatchSlicedUNet, decode_tiled, free_memory
+from .models.text_encoder import token_pattern
 from .models.vae import DiagonalGaussian
 from .noise import randn
-from .sampling import (Conditioning, InpaintingLatents, StepCallback, denoise, timesteps_after_handover,
-                       timesteps_before_handover, timesteps_for_strength)
+from .sampling import (Conditioning, ConditioningSchedule, InpaintingLatents, StepCallback, denoise,
+                       timesteps_after_handover, timesteps_before_handover, timesteps_for_strength)
 from .schedulers import NoiseScheduler, make_scheduler, scheduler_class
+from .weighted_text import WeightedTextEncoder, merged_schedule
 
 if TYPE_CHECKING:
     from .checkpoints.loader import Components
@@ -77,6 +79,7 @@ class DiffusionModel:
         self.scheduler = components.scheduler
         self.config = components.config
         self.loras = LoraStack(self)
+        self.embeddings: dict[str, dict[str, str]] = {}  # token -> {"token", "file", "sha256"} of each loaded one
         self.vae_slicing = False
         self.vae_tiling = False
         self.unet_slice_size: int | None = None
@@ -154,7 +157,14 @@ class DiffusionModel:
         """
         from .adapters.textual_inversion import load_textual_inversion
 
-        return load_textual_inversion(self.text_encoder, path, token)
+        token = load_textual_inversion(self.text_encoder, path, token)
+        self.embeddings[token] = {"token": token, "file": Path(path).name, "sha256": file_sha256(Path(path))}
+        return token
+
+    def _embeddings_used(self, config: GenerationConfig) -> list[dict[str, str]]:
+        """The loaded embeddings whose token one of the config's texts uses (what A1111's "TI hashes" lists)."""
+        texts = [t for t in (config.prompt, config.negative_prompt, config.prompt_2, config.negative_prompt_2) if t]
+        return [e for token, e in self.embeddings.items() if any(token_pattern([token]).search(t) for t in texts)]
 
     def _upcast_vae(self) -> None:
         """SDXL's VAE overflows in fp16: it runs in fp32 on weights rounded to fp16, as diffusers' force_upcast."""
@@ -198,8 +208,8 @@ class DiffusionModel:
     def generate_batch(self, configs: list[GenerationConfig], *, refiner: DiffusionModel | None = None,
                        refiner_switch_at: float = 0.8, callback: StepCallback | None = None, progress: bool = True,
                        return_intermediates: bool = False) -> list[GeneratedImage]:
-        """Several configs, those that share size, steps, guidance and sampler in one batch; image i equals
-        generate(configs[i]), because each image draws from its own seeded generator."""
+        """Several configs, those that share size, steps, guidance, sampler and text reading in one batch; image i
+        equals generate(configs[i]), because each image draws from its own seeded generator."""
         if not isinstance(configs, (list, tuple)) or not all(isinstance(c, GenerationConfig) for c in configs):
             raise ValueError("generate_batch takes a list of GenerationConfig")
         if refiner is not None:
@@ -208,7 +218,8 @@ class DiffusionModel:
                     for c in configs]
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(resolved):
-            key = (c.width, c.height, c.num_inference_steps, c.guidance_scale, c.guidance_rescale, c.sampler)
+            key = (c.width, c.height, c.num_inference_steps, c.guidance_scale, c.guidance_rescale, c.sampler,
+                   c.clip_skip, c.prompt_weighting, self._chunk_count(c))  # a context as long as its own
             groups.setdefault(key, []).append(i)
         for indices in groups.values():  # every group fits, or nothing runs
             self._check_memory(resolved[indices[0]].width, resolved[indices[0]].height, len(indices))
@@ -306,14 +317,17 @@ class DiffusionModel:
         ids = [c.time_ids(aesthetic=self.config.family == "sdxl_refiner") for c in configs]
         positive = torch.tensor([p for p, _ in ids], device=self.device, dtype=self.dtype)  # (B, 6), refiner (B, 5)
         negative = torch.tensor([n for _, n in ids], device=self.device, dtype=self.dtype)
-        return dataclasses.replace(text, time_ids=torch.cat([negative, positive]) if guided else positive)
+        return text.replace(time_ids=torch.cat([negative, positive]) if guided else positive)
 
-    def _encode_text(self, configs: list[GenerationConfig], guided: bool) -> Conditioning:
+    def _encode_text(self, configs: list[GenerationConfig], guided: bool) -> Conditioning | ConditioningSchedule:
+        for name in ("clip_skip", "prompt_weighting"):
+            values = {getattr(c, name) for c in configs}
+            if len(values) > 1:
+                raise ValueError(f"the configs of one batch must share {name}, got {sorted(values, key=str)}")
+        skip = configs[0].clip_skip  # applied to the negative prompt too (diffusers skips on the positive prompt only)
+        if configs[0].prompt_weighting:
+            return self._encode_weighted(configs, guided)
         prompts = [c.prompt for c in configs]
-        skips = {c.clip_skip for c in configs}
-        if len(skips) > 1:
-            raise ValueError(f"the configs of one batch must share clip_skip, got {sorted(skips, key=str)}")
-        skip = skips.pop()  # applied to the negative prompt too (diffusers skips on the positive prompt only)
         if self.config.text_2 is None:  # SD 1.x / 2.x: one CLIP, [negative; positive] in one pass
             texts = [c.negative_prompt for c in configs] + prompts if guided else prompts
             return Conditioning(self.text_encoder(texts, clip_skip=skip))
@@ -330,6 +344,48 @@ class DiffusionModel:
                               and not c.negative_prompt_2 for c in configs], device=negative.context.device)
         negative = Conditioning(negative.context * ~zeros[:, None, None], negative.text_embeds * ~zeros[:, None])
         return Conditioning.guided(negative, positive)
+
+    def _encode_weighted(self, configs: list[GenerationConfig], guided: bool) -> Conditioning | ConditioningSchedule:
+        """prompt_weighting=True: A1111's syntax (weighted_text.py), the text changing at A1111's steps.
+
+        Every row ([negatives; prompts] when guided) is padded to the batch's longest text in chunks, at any step.
+        """
+        encoder = WeightedTextEncoder(self.text_encoder, configs[0].clip_skip)
+        schedules = self._text_schedules(configs, guided)
+        n_chunks = max(encoder.chunk_count(texts) for schedule in schedules for _, texts in schedule)
+        # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
+        zero = [guided and i < len(configs) and self.config.force_zeros_for_empty_prompt and not any(schedule[0][1])
+                for i, schedule in enumerate(schedules)]
+        ends = sorted({end for schedule in schedules for end, _ in schedule})
+        parts = []
+        for end in ends:
+            texts_now = [next(texts for last, texts in schedule if end <= last) for schedule in schedules]
+            parts.append(Conditioning.cat([_zeroed(encoder(texts, n_chunks)) if z else encoder(texts, n_chunks)
+                                           for texts, z in zip(texts_now, zero)]))
+        return parts[0] if len(parts) == 1 else ConditioningSchedule(ends, parts)
+
+    def _text_schedules(self, configs: list[GenerationConfig],
+                        guided: bool) -> list[list[tuple[int, tuple[str, ...]]]]:
+        """Each row's texts (one per tower) over the steps: [negatives; prompts] when guided."""
+        rows = ([self._tower_texts(c, negative=True) for c in configs] if guided else []) + \
+            [self._tower_texts(c, negative=False) for c in configs]
+        return [merged_schedule(texts, configs[0].num_inference_steps) for texts in rows]
+
+    def _chunk_count(self, config: GenerationConfig) -> int:
+        """The chunks of 77 tokens a resolved config's context takes: 1 unless it has prompt_weighting."""
+        if not config.prompt_weighting:
+            return 1
+        encoder = WeightedTextEncoder(self.text_encoder)
+        schedules = self._text_schedules([config], is_guided(config.guidance_scale))
+        return max(encoder.chunk_count(texts) for schedule in schedules for _, texts in schedule)
+
+    def _tower_texts(self, config: GenerationConfig, negative: bool) -> tuple[str, ...]:
+        """The text each tower reads: SDXL's bigG reads prompt_2 (the refiner, bigG only, reads prompt)."""
+        first = config.negative_prompt if negative else config.prompt
+        if self.config.text_2 is None or self.config.family == "sdxl_refiner":
+            return (first,)
+        second = config.negative_prompt_2 if negative else config.prompt_2
+        return first, second or first
 
     def make_scheduler(self, sampler: str | None = None) -> NoiseScheduler:
         """A fresh scheduler: a copy of self.scheduler for None; else that algorithm built from the checkpoint's
@@ -502,7 +558,7 @@ class DiffusionModel:
                 latents, inpainting, channels = self._prepare_inpainting(image, mask, strength, scheduler, timesteps,
                                                                          generators, shape)
                 if channels is not None:  # a 9-channel UNet sees the mask and the masked image in both passes
-                    conditioning.inpainting = torch.cat([channels] * 2) if guided else channels
+                    conditioning = conditioning.replace(inpainting=torch.cat([channels] * 2) if guided else channels)
         log = _StepLog(batch, callback, return_intermediates)
         with clock("denoising"):
             latents = denoise(self._sampling_unet(), scheduler, latents, conditioning, timesteps, first.guidance_scale,
@@ -511,7 +567,7 @@ class DiffusionModel:
         if handover is not None:
             decoder, switch_at = handover
             log.offset = steps
-            latents, refined = decoder._refine(latents, configs, generators, switch_at, clock, log, progress)
+            latents, refined = decoder._refine(latents, configs, generators, switch_at, steps, clock, log, progress)
             steps += refined
         with clock("decoding"):
             pictures = tensor_to_pil(decoder.decode_latents(latents))
@@ -522,18 +578,21 @@ class DiffusionModel:
                                model=self.config.name, intermediates=log.steps[k] if return_intermediates else None,
                                refiner=handover[0].config.name if handover else None,
                                refiner_switch_at=handover[1] if handover else None,
-                               loras=[report.record() for report in self.loras.reports])
+                               loras=[report.record() for report in self.loras.reports],
+                               embeddings=self._embeddings_used(c))
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
     def _refine(self, latents: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator],
-                switch_at: float, clock: _StageClock, log: _StepLog, progress: bool) -> tuple[torch.Tensor, int]:
+                switch_at: float, steps_before: int, clock: _StageClock, log: _StepLog,
+                progress: bool) -> tuple[torch.Tensor, int]:
         """The refiner's share of an ensemble: diffusers' img2img with denoising_start=switch_at, which takes the
-        base's latents as they are (no noise added) with its own conditioning. Returns x_0 and the steps run."""
+        base's latents as they are (no noise added) with its own conditioning, its prompt schedule counting on
+        from the base's `steps_before` steps. Returns x_0 and the steps run."""
         first = configs[0]
         guided = is_guided(first.guidance_scale)
         scheduler = self._scheduler_for(first.sampler)
         with clock("text_encoding"):
-            conditioning = self.conditioning(configs, guided)
+            conditioning = self.conditioning(configs, guided).after(steps_before)
         scheduler.set_timesteps(first.num_inference_steps, device=self.device)
         timesteps = timesteps_after_handover(scheduler, switch_at)
         with clock("denoising"):
@@ -626,6 +685,11 @@ def _bundled_components(device: str | torch.device, dtype: torch.dtype) -> Compo
     from .toy import load_toy
 
     return load_toy(device=device, dtype=dtype)
+
+
+def _zeroed(row: Conditioning) -> Conditioning:
+    """All-zero text embeddings of the same shapes (SDXL's negative for an empty negative prompt)."""
+    return Conditioning(torch.zeros_like(row.context), torch.zeros_like(row.text_embeds))
 
 
 def _check_image(name: str, image: Any) -> None:

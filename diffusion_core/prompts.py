@@ -301,8 +301,8 @@ class Chunk:
     weights: list[float]
 
 
-def prompt_chunks(pieces: list[tuple[str, float]], tokenize: Callable[[str], list[int]], *, bos: int, eos: int,
-                  pad: int, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+def prompt_chunks(pieces: list[tuple[str, float]], tokenize: Callable[[str], list[int | tuple[int, ...]]], *,
+                  bos: int, eos: int, pad: int, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """Weighted pieces as 77-token chunks, as A1111's FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line.
 
     A chunk closes at 75 tokens, or at a ("BREAK", -1) piece. When one fills up within `comma_backtrack` tokens
@@ -310,7 +310,8 @@ def prompt_chunks(pieces: list[tuple[str, float]], tokenize: Callable[[str], lis
 
     Args:
         pieces: (text, weight) pairs, as parse_prompt_attention returns; each text is tokenized on its own.
-        tokenize: text -> token ids without BOS/EOS; the id of "," marks commas.
+        tokenize: text -> token ids without BOS/EOS; the id of "," marks commas. A tuple of ids in that list is a
+            textual-inversion embedding's, which A1111 keeps whole: if it does not fit, the chunk closes early.
         bos, eos, pad: CLIP's start, end and padding ids (SD1 pads with EOS, SD2 with 0).
         comma_backtrack: A1111's comma_padding_backtrack setting (default 20); 0 turns it off.
     """
@@ -322,7 +323,6 @@ def prompt_chunks(pieces: list[tuple[str, float]], tokenize: Callable[[str], lis
     tokens: list[int] = []
     weights: list[float] = []
     last_comma = -1  # index in `tokens` of the current chunk's last comma; -1 for none
-    # Textual-inversion embeddings, which A1111 keeps whole inside one chunk, are not handled yet.
     for text, weight in pieces:
         _require_str(text, "each piece's text")
         if text == "BREAK" and weight == BREAK_WEIGHT:
@@ -336,11 +336,14 @@ def prompt_chunks(pieces: list[tuple[str, float]], tokenize: Callable[[str], lis
                 cut = last_comma + 1
                 chunks.append(_close(tokens[:cut], weights[:cut], bos, eos, pad))
                 tokens, weights, last_comma = tokens[cut:], weights[cut:], -1
-            if len(tokens) == CHUNK_LENGTH:
+            ids = [token] if isinstance(token, int) else list(token)  # an embedding's ids stay in one chunk
+            if len(ids) > CHUNK_LENGTH:
+                raise ValueError(f"an embedding of {len(ids)} vectors does not fit in a chunk of {CHUNK_LENGTH} tokens")
+            if len(tokens) == CHUNK_LENGTH or len(tokens) + len(ids) > CHUNK_LENGTH:
                 chunks.append(_close(tokens, weights, bos, eos, pad))
                 tokens, weights, last_comma = [], [], -1  # so a comma that opens a chunk is not counted
-            tokens.append(token)
-            weights.append(weight)
+            tokens += ids
+            weights += [weight] * len(ids)
     if tokens or not chunks:  # an empty prompt is still one chunk
         chunks.append(_close(tokens, weights, bos, eos, pad))
     return chunks

@@ -7,6 +7,7 @@ model families is only what the UNet sees besides x_t and t, and that travels in
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -32,12 +33,51 @@ class Conditioning:
     @classmethod
     def guided(cls, negative: Conditioning, positive: Conditioning) -> Conditioning:
         """The batch classifier-free guidance runs: [negative; positive] along the batch for every field."""
-        return cls(**{f.name: None if getattr(positive, f.name) is None else
-                      torch.cat([getattr(negative, f.name), getattr(positive, f.name)]) for f in fields(cls)})
+        return cls.cat([negative, positive])
+
+    @classmethod
+    def cat(cls, rows: list[Conditioning]) -> Conditioning:
+        """Several conditionings as one batch, each field concatenated along the batch."""
+        return cls(**{f.name: None if getattr(rows[0], f.name) is None else
+                      torch.cat([getattr(row, f.name) for row in rows]) for f in fields(cls)})
 
     def added(self) -> dict[str, torch.Tensor]:
         """SDXL's added conditions, as diffusers' `added_cond_kwargs`: empty for SD 1.x / 2.x."""
         return {} if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+
+    def at(self, step: int) -> Conditioning:
+        """The conditioning of the loop's step `step`: always this one (see ConditioningSchedule)."""
+        return self
+
+    def replace(self, **changes: torch.Tensor) -> Conditioning:
+        return dataclasses.replace(self, **changes)
+
+    def after(self, steps: int) -> Conditioning:
+        """The conditioning of a loop that continues another one of `steps` steps: this one."""
+        return self
+
+
+@dataclass
+class ConditioningSchedule:
+    """Conditioning that changes during sampling (A1111's prompt editing `[from:to:when]` and alternation `[a|b]`).
+
+    parts[k] holds for the loop's steps i <= ends[k] after the previous end, i counted from 0 as A1111's denoiser
+    counts them; so an edit that ends at step 10 of 20 shows its `from` text on steps 0..10, eleven steps.
+    """
+
+    ends: list[int]
+    parts: list[Conditioning]
+
+    def at(self, step: int) -> Conditioning:
+        return next((part for end, part in zip(self.ends, self.parts) if step <= end), self.parts[-1])
+
+    def replace(self, **changes: torch.Tensor) -> ConditioningSchedule:
+        """The same schedule with fields that do not change over the steps (SDXL's time ids, inpainting) set."""
+        return ConditioningSchedule(self.ends, [part.replace(**changes) for part in self.parts])
+
+    def after(self, steps: int) -> ConditioningSchedule:
+        """The schedule of a loop that continues one of `steps` steps (the SDXL refiner after the base)."""
+        return ConditioningSchedule([end - steps for end in self.ends], self.parts)
 
 
 @dataclass
@@ -50,7 +90,8 @@ class InpaintingLatents:
 
 
 @torch.no_grad()
-def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor, conditioning: Conditioning,
+def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor,
+            conditioning: Conditioning | ConditioningSchedule,
             timesteps: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
             generator: torch.Generator | list[torch.Generator] | None = None,
             inpainting: InpaintingLatents | None = None, callback: StepCallback | None = None,
@@ -61,7 +102,8 @@ def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor, c
         unet: ε_θ(x_t, t, c), or v_θ; the scheduler knows which.
         scheduler: set_timesteps already called; it turns each prediction into the next sample.
         latents: x at timesteps[0], (B, 4, h, w), already scaled by scheduler.init_noise_sigma.
-        conditioning: what the UNet sees besides x_t and t, 2B rows [negative; positive] when guided.
+        conditioning: what the UNet sees besides x_t and t, 2B rows [negative; positive] when guided; a
+            ConditioningSchedule changes it from step to step.
         timesteps: the timesteps to visit, usually scheduler.timesteps (a tail of it for image-to-image).
         guidance_scale: s of classifier-free guidance; <= 1 runs the conditional pass only.
         guidance_rescale: φ of Lin et al. 2023 §3.4; 0 is plain guidance.
@@ -75,9 +117,10 @@ def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor, c
         # both halves of the guided batch start from the same x_t; only their conditioning differs
         x_in = torch.cat([latents] * 2) if guided else latents
         x_in = scheduler.scale_model_input(x_in, t)
-        if conditioning.inpainting is not None:
-            x_in = torch.cat([x_in, conditioning.inpainting], dim=1)  # (B', 9, h, w)
-        prediction = unet(x_in, t, conditioning.context, **conditioning.added())
+        c = conditioning.at(i)
+        if c.inpainting is not None:
+            x_in = torch.cat([x_in, c.inpainting], dim=1)  # (B', 9, h, w)
+        prediction = unet(x_in, t, c.context, **c.added())
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)

@@ -329,3 +329,51 @@ def test_empty_token_is_refused(sd1, tmp_path, token):
     ours, _ = sd1()
     with pytest.raises(ValueError, match="is empty"):
         ours.load_textual_inversion(write(tmp_path / "x.safetensors", {"emb_params": vectors(1)}), token=token)
+
+
+# ---- with prompt weighting, in the PNG and on the command line ----------------------------------------------
+
+def test_weighted_prompt_keeps_an_embedding_whole_in_one_chunk(sd1, tmp_path):
+    """A1111 closes a chunk early rather than split an embedding's vectors between two chunks."""
+    from diffusion_core.weighted_text import text_chunks
+    ours, _ = sd1()
+    token = ours.load_textual_inversion(write(tmp_path / "mystyle.pt", a1111_pt("mystyle", vectors(3))))
+    cat = ours.text_encoder.text_ids("cat")
+    first, second = text_chunks(ours.text_encoder, "cat " * 74 + f"({token}:1.2)")
+    assert first.tokens == [BOS] + cat * 74 + [EOS] * 2 and first.weights == [1.0] * 77
+    assert second.tokens == [BOS, FIRST_ADDED, FIRST_ADDED + 1, FIRST_ADDED + 2] + [EOS] * 73
+    assert second.weights == [1.0] + [1.2] * 3 + [1.0] * 73
+
+
+def test_png_records_the_embeddings_the_prompts_use_as_a1111s_ti_hashes(sd1, tmp_path):
+    import hashlib
+    from PIL import Image
+    from diffusion_core.generation import read_png_parameters
+    ours, _ = sd1()
+    used = write(tmp_path / "mystyle.safetensors", {"emb_params": vectors(2)})
+    unused = write(tmp_path / "otherstyle.safetensors", {"emb_params": vectors(1, seed=1)})
+    ours.load_textual_inversion(used), ours.load_textual_inversion(unused)
+    result = ours.generate(GenerationConfig(f"{LEFT} MyStyle {RIGHT}", num_inference_steps=1), progress=False)
+    sha = hashlib.sha256(used.read_bytes()).hexdigest()
+    assert result.embeddings == [{"token": "mystyle", "file": "mystyle.safetensors", "sha256": sha}]
+    png = result.save(tmp_path / "out.png")
+    assert read_png_parameters(png)["embeddings"] == result.embeddings
+    assert Image.open(png).text["parameters"].endswith(f', TI hashes: "mystyle: {sha[:12]}"')
+
+
+def test_embedding_on_the_command_line_and_from_needs_it_again(tmp_path):
+    from PIL import Image
+    from diffusion_core.cli import main
+    path = write(tmp_path / "mystyle.safetensors", {"emb_params": vectors(2, width=64)})  # the shapes model's width
+    args = ["generate", "a mystyle circle on a blue background", "--steps", "2", "--quiet"]
+    assert main([*args, "--embedding", str(path), "--out", str(tmp_path / "a")]) == 0
+    [png] = (tmp_path / "a").glob("*.png")
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "--from", str(png), "--quiet", "--out", str(tmp_path / "b")])
+    assert refused.value.code == 2
+    assert main(["generate", "--from", str(png), "--embedding", str(path), "--quiet", "--out", str(tmp_path / "c")]) == 0
+    [again] = (tmp_path / "c").glob("*.png")
+    assert Image.open(again).tobytes() == Image.open(png).tobytes()
+    assert main([*args, "--out", str(tmp_path / "d")]) == 0  # without it, "mystyle" is plain text: another image
+    [plain] = (tmp_path / "d").glob("*.png")
+    assert Image.open(plain).tobytes() != Image.open(png).tobytes()

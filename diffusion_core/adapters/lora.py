@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints.loader import open_weights
-from .lora_names import Target, model_targets, network, text_towers
+from ..models.text_encoder import text_towers
+from .lora_names import Target, model_targets, network
 
 if TYPE_CHECKING:
     from ..pipeline import DiffusionModel
@@ -324,7 +325,7 @@ class LoraStack:
         formats: dict[str, int] = {}
         for _, module in matched:
             formats[module.format] = formats.get(module.format, 0) + 1
-        return LoraReport(name, str(path), _sha256(path), scale, formats, changed, skipped)
+        return LoraReport(name, str(path), file_sha256(path), scale, formats, changed, skipped)
 
     def _parameter_order(self) -> dict[tuple[str, str], int]:
         """(network, parameter) -> its place in the network, so that reports read from input to output."""
@@ -359,7 +360,8 @@ class LoraStack:
                 parameter.copy_(merged.to(parameter.dtype))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's sha256 in hex, read in 16 MiB pieces (A1111's hashes are its first 12 digits)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 24):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checkpoints.keymaps import unet_key_pairs
 from ..checkpoints.text_keys import PROJECTION_KEYS, TRANSFORMERS_PREFIX, text_key_map
-from ..models.text_encoder import DualTextEncoder, TextEncoder, TextEncoderConfig
+from ..models.text_encoder import DualTextEncoder, TextEncoder, TextEncoderConfig, text_towers
 from ..models.unet import UNetConfig, UNetModel
 
 PEFT_PREFIX = "base_model.model."
@@ -61,14 +61,6 @@ class Target:
 def network(model, component: str) -> nn.Module:
     """The network a component path names in a DiffusionModel: "unet", "text_encoder", "text_encoder.clip_g"."""
     return functools.reduce(getattr, component.split("."), model)
-
-
-def text_towers(text_encoder: TextEncoder | DualTextEncoder) -> dict[str, TextEncoder]:
-    """{component path: tower} of a model's text encoder: one for SD 1.x / 2.x, clip_l and clip_g for SDXL."""
-    if isinstance(text_encoder, TextEncoder):
-        return {"text_encoder": text_encoder}
-    towers = {"text_encoder.clip_l": text_encoder.clip_l, "text_encoder.clip_g": text_encoder.clip_g}
-    return {component: tower for component, tower in towers.items() if tower is not None}
 
 
 def unet_targets(config: UNetConfig) -> dict[str, Target]:

@@ -97,6 +97,11 @@ def bpe_ids(text: str) -> list[int]:
     return [bpe.encoder[piece] for word in words for piece in bpe.bpe(word).split(" ")]
 
 
+def bos_eos() -> tuple[int, int]:
+    """CLIP's <|startoftext|> and <|endoftext|> ids, which open and close every 77-token context."""
+    return _bpe().sot_token_id, _bpe().eot_token_id
+
+
 @functools.cache
 def special_tokens(pad_token_id: int) -> dict[str, int]:
     """Strings transformers' CLIPTokenizer maps to ids before cleaning and BPE, so they never merge with neighbours."""
@@ -171,15 +176,19 @@ class TextEncoder(nn.Module):
 
     def text_ids(self, text: str) -> list[int]:
         """A text's ids without BOS and EOS: each added token (see `token_pattern`) as its ids, the rest as CLIP's."""
+        return [i for piece in self.text_pieces(text) for i in ([piece] if isinstance(piece, int) else piece)]
+
+    def text_pieces(self, text: str) -> list[int | tuple[int, ...]]:
+        """text_ids, with each added token's ids as one tuple (A1111 keeps an embedding inside one chunk)."""
         pad = self.config.pad_token_id
         if self._added_pattern is None:
             return prompt_ids(text, pad)
-        text, ids, start = unicodedata.normalize("NFC", text), [], 0
+        text, pieces, start = unicodedata.normalize("NFC", text), [], 0
         for match in self._added_pattern.finditer(text):
             token = self._added_order[match.lastindex - 1]
-            ids += prompt_ids(text[start:match.start()], pad) + self.added_tokens[token]
+            pieces += [*prompt_ids(text[start:match.start()], pad), tuple(self.added_tokens[token])]
             start = match.end()
-        return ids + prompt_ids(text[start:], pad)
+        return pieces + prompt_ids(text[start:], pad)
 
     def check_new_token(self, token: str, vectors: torch.Tensor) -> str:
         """The token as `add_token` stores it (NFC, single spaces), or a ValueError saying why it cannot be added."""
@@ -293,3 +302,12 @@ class DualTextEncoder(nn.Module):
         if len(context_l) != len(context_g):
             raise ValueError(f"prompts and prompts_2 must be as many, got {len(context_l)} and {len(context_g)}")
         return torch.cat([context_l, context_g], dim=-1), pooled  # (B, 77, 768 + 1280)
+
+
+def text_towers(text_encoder: TextEncoder | DualTextEncoder) -> dict[str, TextEncoder]:
+    """{component path: tower} of a model's text encoder: one for SD 1.x / 2.x, clip_l and clip_g for SDXL (the
+    refiner: clip_g), in the order their contexts are concatenated."""
+    if isinstance(text_encoder, TextEncoder):
+        return {"text_encoder": text_encoder}
+    towers = {"text_encoder.clip_l": text_encoder.clip_l, "text_encoder.clip_g": text_encoder.clip_g}
+    return {component: tower for component, tower in towers.items() if tower is not None}
