@@ -184,6 +184,23 @@ def test_peft_file_equals_peft_merge(sd1, tmp_path):
     assert_text_equal(ours.text_encoder, peft_model.merge_and_unload())
 
 
+def test_peft_dora_file_equals_peft_merge(sd1, tmp_path):
+    """PEFT's DoRA (`lora_magnitude_vector`, one magnitude per output row): W' = m·(W + (α/r)·B·A)/‖W + (α/r)·B·A‖,
+    on q (a row block of our fused [q; k; v]), v and an MLP layer, against PEFT's own merge."""
+    ours, pipe = sd1()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], use_dora=True)
+    peft_model = get_peft_model(pipe.text_encoder, config)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:  # trained: neither at its initial value
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path)
+    report = ours.load_lora(tmp_path / "adapter_model.safetensors")
+    assert report.format == {"lora": 6} and not report.skipped
+    assert_text_equal(ours.text_encoder, peft_model.merge_and_unload())
+
+
 # ---- LyCORIS against the lycoris-lora package --------------------------------------------------------------
 
 def lycoris_case(kind: str, shape: tuple[int, ...], g: torch.Generator):

@@ -39,9 +39,10 @@ FORMATS = {  # format -> (suffixes it needs, suffixes it may have)
     "full": (("diff",), ()),
 }
 SUFFIXES = sorted({s for needed, optional in FORMATS.values() for s in needed + optional}, key=len, reverse=True)
-# PEFT's and diffusers' names for LoRA's two factors -> kohya's
+# PEFT's and diffusers' names for LoRA's two factors (and PEFT's DoRA magnitude, one per output) -> kohya's
 RENAMED_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-                    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"}
+                    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+                    "lora_magnitude_vector": "dora_scale"}
 
 
 # ---- ΔW, one function per format -------------------------------------------------------------------------
