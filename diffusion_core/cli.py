@@ -57,7 +57,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # the bundled shapes model's own tools: python -m diffusion_core.toy.train / .evaluate
 TOY_COMMANDS = {"train": "train the bundled shapes model from scratch (python -m diffusion_core.toy.train)",
                 "evaluate": "measure its prompt accuracy (python -m diffusion_core.toy.evaluate)",
-                "train-lora": "teach it a new shape with a LoRA (python -m diffusion_core.toy.train_lora)"}
+                "train-lora": "teach it a new shape with a LoRA (python -m diffusion_core.toy.train_lora)",
+                "train-embedding": "teach it a new word for something it can draw "
+                                   "(python -m diffusion_core.toy.train_embedding)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import VAE, VAEConfig
 from ..pipeline import DiffusionModel
 from ..schedulers import make_scheduler
-from .dataset import make_batch, parse_caption, seen_scenes
+from .dataset import Scene, make_batch, parse_caption, seen_scenes
 from .evaluate import sample_images
 
 # The toy architecture: SD's family at a size a CPU trains in minutes. Widths are multiples of 32 because
@@ -134,11 +134,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def encode_pool(vae: VAE, c: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Posterior mean and std (N, 4, 16, 16) of pool_size fresh seen-scene images, and their captions."""
+def encode_pool(vae: VAE, c: TrainConfig, scenes: list[Scene] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Posterior mean and std (N, 4, 16, 16) of pool_size fresh images of `scenes` (default: the seen scenes),
+    and their captions."""
     means, stds, captions = [], [], []
     for index in range(c.pool_size // 64):
-        images, batch_captions = make_batch(seen_scenes(), c.seed + 1, index, 64)
+        images, batch_captions = make_batch(scenes or seen_scenes(), c.seed + 1, index, 64)
         posterior = vae.encode(images)
         means.append(posterior.mean)
         stds.append(posterior.std)

@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     config = LoraTrainConfig(**{k: getattr(args, k) for k in asdict(LoraTrainConfig())})
+    if (args.out / f"{config.shape}_lora.safetensors").exists():
+        parser.error(f"{args.out / f'{config.shape}_lora.safetensors'} exists and is never overwritten; "
+                     f"pass another --out")
     path = train_lora(config, args.out, args.minutes)
     if not args.no_measure:
         print(measure(path, config.shape))
