@@ -352,10 +352,10 @@ class DiffusionModel:
         """
         encoder = WeightedTextEncoder(self.text_encoder, configs[0].clip_skip)
         schedules = self._text_schedules(configs, guided)
-        n_chunks = max(encoder.chunk_count(texts) for schedule in schedules for _, texts in schedule)
+        n_chunks = encoder.chunk_count(schedules)
         # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
-        zero = [guided and i < len(configs) and self.config.force_zeros_for_empty_prompt and not any(schedule[0][1])
-                for i, schedule in enumerate(schedules)]
+        zero = ([self.config.force_zeros_for_empty_prompt and not any(self._tower_texts(c, negative=True))
+                 for c in configs] if guided else []) + [False] * len(configs)
         ends = sorted({end for schedule in schedules for end, _ in schedule})
         parts = []
         for end in ends:
@@ -375,9 +375,8 @@ class DiffusionModel:
         """The chunks of 77 tokens a resolved config's context takes: 1 unless it has prompt_weighting."""
         if not config.prompt_weighting:
             return 1
-        encoder = WeightedTextEncoder(self.text_encoder)
         schedules = self._text_schedules([config], is_guided(config.guidance_scale))
-        return max(encoder.chunk_count(texts) for schedule in schedules for _, texts in schedule)
+        return WeightedTextEncoder(self.text_encoder).chunk_count(schedules)
 
     def _tower_texts(self, config: GenerationConfig, negative: bool) -> tuple[str, ...]:
         """The text each tower reads: SDXL's bigG reads prompt_2 (the refiner, bigG only, reads prompt)."""

@@ -50,9 +50,10 @@ class WeightedTextEncoder:
         self.towers = list(text_towers(text_encoder).values())
         self.clip_skip = clip_skip
 
-    def chunk_count(self, texts: tuple[str, ...]) -> int:
-        """How many chunks the longest of these texts (one per tower) takes."""
-        return max(len(text_chunks(tower, text)) for tower, text in zip(self.towers, texts, strict=True))
+    def chunk_count(self, schedules: list[list[tuple[int, tuple[str, ...]]]]) -> int:
+        """The chunks the longest text takes, of any row at any step (merged_schedule's rows); all are padded to it."""
+        return max(len(text_chunks(tower, text)) for schedule in schedules for _, texts in schedule
+                   for tower, text in zip(self.towers, texts, strict=True))
 
     def __call__(self, texts: tuple[str, ...], n_chunks: int) -> Conditioning:
         """One row: each tower reads its text, padded with empty chunks (A1111's) to n_chunks."""
