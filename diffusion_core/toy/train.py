@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -335,16 +335,23 @@ def train(c: TrainConfig, out: Path, resume: bool = False, minutes: float | None
     return exported
 
 
+def parse_recipe(parser: argparse.ArgumentParser, recipe: type,
+                 argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
+    """Parse argv with one flag per field of a recipe dataclass (--pool-size for pool_size), defaulting to the
+    field's default; (the arguments, the recipe they give). Every field is a number or a string."""
+    defaults = asdict(recipe())
+    for name, value in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    return args, recipe(**{name: getattr(args, name) for name in defaults})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/toy-train"), help="folder for all outputs")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--minutes", type=float, default=None, help="stop and checkpoint after this wall time")
-    defaults = asdict(TrainConfig())
-    for name, value in defaults.items():  # every field is a number or a string
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    config = TrainConfig(**{name: getattr(args, name) for name in defaults})
+    args, config = parse_recipe(parser, TrainConfig, argv)
     train(config, args.out, resume=args.resume, minutes=args.minutes)
 
 

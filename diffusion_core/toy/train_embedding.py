@@ -33,7 +33,7 @@ from ..models.text_encoder import TextEncoder, bpe_ids
 from ..pipeline import DiffusionModel
 from ..schedulers import make_scheduler
 from .dataset import PALETTE, SHAPES, Scene
-from .train import TrainConfig, diffusion_loss, encode_pool, pool_latents
+from .train import TrainConfig, diffusion_loss, encode_pool, parse_recipe, pool_latents
 from .train_lora import accuracy
 
 HELD_OUT_BACKGROUNDS = ("green", "white")  # never shown with the new word in training
@@ -193,10 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/sundisc"))
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-time budget (default: 10)")
     parser.add_argument("--no-measure", action="store_true", help="skip measuring accuracy before and after")
-    for name, value in asdict(EmbeddingTrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    config = EmbeddingTrainConfig(**{k: getattr(args, k) for k in asdict(EmbeddingTrainConfig())})
+    args, config = parse_recipe(parser, EmbeddingTrainConfig, argv)
     if (args.out / f"{config.token}.safetensors").exists():
         parser.error(f"{args.out / f'{config.token}.safetensors'} exists and is never overwritten; pass another --out")
     command = shlex.join(["python", "-m", "diffusion_core.toy.train_embedding", *argv])

@@ -31,7 +31,7 @@ from ..pipeline import DiffusionModel
 from ..schedulers import make_scheduler
 from .dataset import NEW_SHAPES, PALETTE, SHAPES, Scene, render, seen_scenes
 from .evaluate import detect, eval_scenes, sample_images
-from .train import TrainConfig, diffusion_loss, pool_latents
+from .train import TrainConfig, diffusion_loss, parse_recipe, pool_latents
 
 # Star scenes held out of LoRA training, to ask whether the new word composes with colours: green stars on any
 # background, and a white star on black.
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/star-lora"))
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-time budget (default: 10)")
     parser.add_argument("--no-measure", action="store_true", help="skip measuring accuracy without and with it")
-    for name, value in asdict(LoraTrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    config = LoraTrainConfig(**{k: getattr(args, k) for k in asdict(LoraTrainConfig())})
+    args, config = parse_recipe(parser, LoraTrainConfig, argv)
     if (args.out / f"{config.shape}_lora.safetensors").exists():
         parser.error(f"{args.out / f'{config.shape}_lora.safetensors'} exists and is never overwritten; "
                      f"pass another --out")
