@@ -210,9 +210,9 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
                           help="default: the checkpoint's own scheduler")
     sampling.add_argument("--clip-skip", type=int, metavar="K", help="read the text encoder K blocks before its "
                           "usual one (diffusers' meaning; A1111's 'Clip skip 2' is --clip-skip 1)")
-    sampling.add_argument("--prompt-weighting", action="store_true", default=None,
+    sampling.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=None,
                           help="read prompts in A1111's syntax: (word:1.3), [word], BREAK, [from:to:when], [a|b], "
-                          "no 77-token limit (default: literal text, as diffusers)")
+                          "no 77-token limit (default: literal text, as diffusers; or as the --from image)")
     sampling.add_argument("--quality", choices=list(QUALITY_PRESETS),
                           help="sampler and steps for a speed/quality trade-off (explicit flags win)")
     sampling.add_argument("--width", type=int, help="pixels (default: the model's native size)")

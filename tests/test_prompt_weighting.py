@@ -174,6 +174,10 @@ def test_prompt_weighting_is_on_the_command_line_and_redone_from_the_png(tmp_pat
     assert main(["generate", "--from", str(png), "--quiet", "--out", str(tmp_path / "b")]) == 0
     [again] = (tmp_path / "b").glob("*.png")
     assert Image.open(again).tobytes() == Image.open(png).tobytes()
+    assert main(["generate", "--from", str(png), "--no-prompt-weighting", "--quiet", "--out", str(tmp_path / "c")]) == 0
+    [literal] = (tmp_path / "c").glob("*.png")
+    assert read_png_parameters(literal)["prompt_weighting"] is False
+    assert Image.open(literal).tobytes() != Image.open(png).tobytes()
 
 
 def test_a_schedule_holds_each_part_up_to_its_end_and_the_refiner_counts_on():
