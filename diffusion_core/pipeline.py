@@ -38,7 +38,7 @@ from .noise import randn
 from .sampling import (Conditioning, ConditioningSchedule, InpaintingLatents, StepCallback, denoise,
                        timesteps_after_handover, timesteps_before_handover, timesteps_for_strength)
 from .schedulers import NoiseScheduler, make_scheduler, scheduler_class
-from .weighted_text import WeightedTextEncoder, merged_schedule
+from .weighted_text import WeightedTextEncoder, merged_schedule, text_at
 
 if TYPE_CHECKING:
     from .checkpoints.loader import Components
@@ -340,8 +340,7 @@ class DiffusionModel:
         negative = Conditioning(*self.text_encoder([c.negative_prompt for c in configs], negative_second,
                                                    clip_skip=skip))
         # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
-        zeros = torch.tensor([self.config.force_zeros_for_empty_prompt and not c.negative_prompt
-                              and not c.negative_prompt_2 for c in configs], device=negative.context.device)
+        zeros = torch.tensor([self._zero_negative(c) for c in configs], device=negative.context.device)
         negative = Conditioning(negative.context * ~zeros[:, None, None], negative.text_embeds * ~zeros[:, None])
         return Conditioning.guided(negative, positive)
 
@@ -353,13 +352,11 @@ class DiffusionModel:
         encoder = WeightedTextEncoder(self.text_encoder, configs[0].clip_skip)
         schedules = self._text_schedules(configs, guided)
         n_chunks = encoder.chunk_count(schedules)
-        # SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)
-        zero = ([self.config.force_zeros_for_empty_prompt and not any(self._tower_texts(c, negative=True))
-                 for c in configs] if guided else []) + [False] * len(configs)
+        zero = ([self._zero_negative(c) for c in configs] if guided else []) + [False] * len(configs)
         ends = sorted({end for schedule in schedules for end, _ in schedule})
         parts = []
         for end in ends:
-            texts_now = [next(texts for last, texts in schedule if end <= last) for schedule in schedules]
+            texts_now = [text_at(schedule, end) for schedule in schedules]
             parts.append(Conditioning.cat([_zeroed(encoder(texts, n_chunks)) if z else encoder(texts, n_chunks)
                                            for texts, z in zip(texts_now, zero)]))
         return parts[0] if len(parts) == 1 else ConditioningSchedule(ends, parts)
@@ -377,6 +374,10 @@ class DiffusionModel:
             return 1
         schedules = self._text_schedules([config], is_guided(config.guidance_scale))
         return WeightedTextEncoder(self.text_encoder).chunk_count(schedules)
+
+    def _zero_negative(self, config: GenerationConfig) -> bool:
+        """SDXL base: no negative prompt means all-zero negative embeddings (its force_zeros_for_empty_prompt)."""
+        return self.config.force_zeros_for_empty_prompt and not config.negative_prompt and not config.negative_prompt_2
 
     def _tower_texts(self, config: GenerationConfig, negative: bool) -> tuple[str, ...]:
         """The text each tower reads: SDXL's bigG reads prompt_2 (the refiner, bigG only, reads prompt)."""

@@ -49,6 +49,7 @@ class WeightedTextEncoder:
     def __init__(self, text_encoder: TextEncoder | DualTextEncoder, clip_skip: int | None = None):
         self.towers = list(text_towers(text_encoder).values())
         self.clip_skip = clip_skip
+        self._encoded: dict[tuple[tuple[str, ...], int], Conditioning] = {}  # a text that holds for many steps
 
     def chunk_count(self, schedules: list[list[tuple[int, tuple[str, ...]]]]) -> int:
         """The chunks the longest text takes, of any row at any step (merged_schedule's rows); all are padded to it."""
@@ -57,6 +58,11 @@ class WeightedTextEncoder:
 
     def __call__(self, texts: tuple[str, ...], n_chunks: int) -> Conditioning:
         """One row: each tower reads its text, padded with empty chunks (A1111's) to n_chunks."""
+        if (texts, n_chunks) not in self._encoded:
+            self._encoded[texts, n_chunks] = self._encode(texts, n_chunks)
+        return self._encoded[texts, n_chunks]
+
+    def _encode(self, texts: tuple[str, ...], n_chunks: int) -> Conditioning:
         bos, eos = bos_eos()
         contexts, pooled = [], None
         for tower, text in zip(self.towers, texts, strict=True):
@@ -76,5 +82,9 @@ def merged_schedule(texts: tuple[str, ...], steps: int) -> list[tuple[int, tuple
     """
     schedules = prompt_schedules(list(texts), steps)
     ends = sorted({end for schedule in schedules for end, _ in schedule})
-    return [(end, tuple(next(text for last, text in schedule if end <= last) for schedule in schedules))
-            for end in ends]
+    return [(end, tuple(text_at(schedule, end) for schedule in schedules)) for end in ends]
+
+
+def text_at(schedule: list[tuple[int, object]], step: int):
+    """What a schedule of (last step, value) pairs holds at a step: the first value whose last step is >= it."""
+    return next(value for last, value in schedule if step <= last)
