@@ -23,11 +23,20 @@ class BatchSlicedUNet(nn.Module):
         self.unet, self.slice_size, self.config = unet, slice_size, config
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                **added: torch.Tensor | None) -> torch.Tensor:
+                **added: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor:
         n = self.slice_size
         return torch.cat([self.unet(sample[i:i + n], timestep, context[i:i + n],
-                                    **{k: v if v is None else v[i:i + n] for k, v in added.items()})
+                                    **{k: _rows(v, i, n) for k, v in added.items()})
                           for i in range(0, len(sample), n)])
+
+
+def _rows(value: torch.Tensor | list[torch.Tensor] | None, i: int, n: int) -> torch.Tensor | list[torch.Tensor] | None:
+    """Rows i..i+n of a per-sample input: a tensor, or each tensor of a list (a ControlNet's residuals)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [v[i:i + n] for v in value]
+    return value[i:i + n]
 
 
 def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int = TILE_LATENT) -> torch.Tensor:

@@ -188,7 +188,61 @@ class TimestepBlock(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
+class UNetEncoder(nn.Module):
+    """The UNet's first half: the timestep embedding (and SDXL's added one), the down path and the middle block.
+
+    UNetModel adds the up path; a ControlNet is a trainable copy of this half (models/controlnet.py).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        c = self.config = config
+        emb_dim = 4 * c.model_channels  # LDM's time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:  # nested as in sgm's checkpoints: label_emb.0.0, label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        self.skip_channels = [ch]     # the width of each input block's output, which the up path takes as a skip
+        self.level_ends: list[int] = []  # per level, the input block whose output a T2I-Adapter feature joins
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [self.res_block(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if c.has_attention(level):
+                    layers.append(self.transformer(ch, c.transformer_depth[level]))
+                self.input_blocks.append(TimestepBlock(*layers))
+                self.skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                self.skip_channels.append(ch)
+            # diffusers adds a feature before the Downsample in levels with attention, after it in the others
+            self.level_ends.append(len(self.input_blocks) - 1 - (c.has_attention(level) and
+                                                                 level != len(c.channel_mult) - 1))
+        self.middle_block = TimestepBlock(self.res_block(ch, ch), self.transformer(ch, c.transformer_depth_middle),
+                                          self.res_block(ch, ch))
+
+    def res_block(self, ch_in: int, ch_out: int) -> ResBlock:
+        return ResBlock(ch_in, ch_out, 4 * self.config.model_channels, self.config.norm_groups)
+
+    def transformer(self, ch: int, depth: int) -> SpatialTransformer:
+        c = self.config
+        return SpatialTransformer(ch, *c.heads(ch), depth, c.context_dim, c.use_linear_in_transformer,
+                                  c.norm_groups, c.upcast_attention)
+
+    def embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                  text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """emb of the ResBlocks: MLP(sinusoid(t)), plus SDXL's MLP(y) of the pooled text and the time ids."""
+        t = _batch_timesteps(timestep, sample)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(sample.dtype))
+        if self.config.adm_in_channels is not None:
+            emb = emb + self.label_emb(self.added_vector(text_embeds, time_ids).to(emb.dtype))
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds and time_ids are SDXL's; this UNet has no added embedding (label_emb)")
+        return emb
+
+class UNetModel(UNetEncoder):
     """Noise predictor ε_θ(z_t, t, c): a ResBlock/transformer UNet with skips (LDM §3.3; openaimodel.py).
 
     SDXL adds `label_emb`, an MLP of y = [pooled text; sinusoidal time ids] whose output joins the timestep
@@ -196,43 +250,15 @@ class UNetModel(nn.Module):
     """
 
     def __init__(self, config: UNetConfig):
-        super().__init__()
-        c = self.config = config
-        emb_dim = 4 * c.model_channels  # LDM's time_embed_dim
-
-        def res(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, ch_out, emb_dim, c.norm_groups)
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, *c.heads(ch), depth, c.context_dim, c.use_linear_in_transformer,
-                                      c.norm_groups, c.upcast_attention)
-
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:  # nested as in sgm's checkpoints: label_emb.0.0, label_emb.0.2
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(),
-                                                         nn.Linear(emb_dim, emb_dim)))
-        ch = c.model_channels
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [res(ch, mult * c.model_channels)]
-                ch = mult * c.model_channels
-                if c.has_attention(level):
-                    layers.append(transformer(ch, c.transformer_depth[level]))
-                self.input_blocks.append(TimestepBlock(*layers))
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                skip_channels.append(ch)
-        self.middle_block = TimestepBlock(res(ch, ch), transformer(ch, c.transformer_depth_middle), res(ch, ch))
+        super().__init__(config)
+        c, ch, skip_channels = config, config.model_channels * config.channel_mult[-1], list(self.skip_channels)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), mult * c.model_channels)]
+                layers = [self.res_block(ch + skip_channels.pop(), mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if c.has_attention(level):
-                    layers.append(transformer(ch, c.transformer_depth[level]))
+                    layers.append(self.transformer(ch, c.transformer_depth[level]))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
@@ -240,7 +266,9 @@ class UNetModel(nn.Module):
                                  nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, context: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                adapter_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Predict ε (or v) for `sample` (B, in_channels, H, W) at `timestep`, attending to `context` (B, 77, D).
 
         Args:
@@ -249,22 +277,43 @@ class UNetModel(nn.Module):
             context: text-encoder hidden states.
             text_embeds, time_ids: SDXL's pooled text embedding (B, 1280) and micro-conditioning ids (B, 6),
                 as diffusers' added_cond_kwargs; None for SD 1.x / 2.x.
+            down_residuals, mid_residual: a ControlNet's output, one residual per skip and one for the middle
+                block, added where diffusers adds its down/mid_block_additional_residual(s).
+            adapter_features: a T2I-Adapter's features, one per level (SDXL: the last joins the middle block),
+                added inside the down path as diffusers' down_intrablock_additional_residuals.
         """
-        t = _batch_timesteps(timestep, sample)
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(sample.dtype))
-        if self.config.adm_in_channels is not None:
-            emb = emb + self.label_emb(self.added_vector(text_embeds, time_ids).to(emb.dtype))
-        elif text_embeds is not None or time_ids is not None:
-            raise ValueError("text_embeds and time_ids are SDXL's; this UNet has no added embedding (label_emb)")
+        emb = self.embedding(sample, timestep, text_embeds, time_ids)
+        features = self._adapter_features(adapter_features)
         h, skips = sample, []
-        for block in self.input_blocks:
+        for n, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if n in features:
+                h = h + features.pop(n)
             skips.append(h)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} tensors; this UNet has {len(skips)} skips")
+            skips = [skip + r for skip, r in zip(skips, down_residuals)]
         h = self.middle_block(h, emb, context)
+        if "middle" in features:
+            h = h + features.pop("middle")
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.out(h)
+
+    def _adapter_features(self, features: list[torch.Tensor] | None) -> dict[int | str, torch.Tensor]:
+        """{input block index, or "middle": feature}: level i's feature joins the output of level_ends[i]; one
+        more feature joins the middle block (T2I-Adapter-XL's fourth, for SDXL's three levels)."""
+        if features is None:
+            return {}
+        places: list[int | str] = [*self.level_ends, "middle"]
+        if len(features) > len(places):
+            raise ValueError(f"{len(features)} adapter features for a UNet with {len(self.level_ends)} levels; "
+                             f"at most {len(places)} (one per level and one for the middle block)")
+        return dict(zip(places, features))
 
     def added_vector(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
         """SDXL's y = [pooled text (B, P); each time id's sinusoidal embedding (B, n·256)] (sgm's conditioner)."""
