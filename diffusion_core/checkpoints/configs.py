@@ -235,11 +235,11 @@ def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
     return i
 
 
-def sdxl_unet_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> UNetConfig:
-    """An SDXL-style UNet (label_emb, Linear proj_in, 64-channel heads) from its keys: levels, widths and depths."""
-    for key in ("input_blocks.0.0.weight", "out.2.weight", "label_emb.0.0.weight"):
-        if key not in shapes:
-            raise ValueError(f"UNet weights lack {key!r}: not an SDXL UNet")
+def encoder_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The UNet fields its down path's keys (LDM names) show: widths, levels, ResBlocks, transformer depths,
+    context width and the kind of proj_in; what they cannot show (heads, out channels) is the caller's."""
+    if "input_blocks.0.0.weight" not in shapes:
+        raise ValueError("weights lack 'input_blocks.0.0.weight': not a UNet or ControlNet in LDM's layout")
     model_channels, in_channels = shapes["input_blocks.0.0.weight"][:2]
     levels, depths, blocks = [[]], [], 1  # levels: the output width of each ResBlock, grouped by level
     while {f"input_blocks.{blocks}.0.in_layers.2.weight", f"input_blocks.{blocks}.0.op.weight"} & shapes.keys():
@@ -255,12 +255,23 @@ def sdxl_unet_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> UNet
         raise ValueError("UNet weights: every level must have the same number of ResBlocks, one width and one "
                          "transformer depth")
     depth = tuple(d.pop() for d in level_depths)
-    to_k = next(s for k, s in shapes.items() if k.endswith("attn2.to_k.weight"))
-    return UNetConfig(in_channels=in_channels, out_channels=shapes["out.2.weight"][0], model_channels=model_channels,
-                      channel_mult=tuple(w[0] // model_channels for w in levels), num_res_blocks=per_level.pop(),
-                      attention_resolutions=tuple(2 ** i for i, d in enumerate(depth) if d), context_dim=to_k[1],
-                      num_head_channels=64, use_linear_in_transformer=True, transformer_depth=depth,
-                      transformer_depth_middle=_count(shapes, "middle_block.1.transformer_blocks.{}."),
+    to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
+    if to_k is None or proj_in is None:
+        raise ValueError("UNet weights have no cross-attention (attn2.to_k, proj_in): not a text-conditioned UNet")
+    return dict(in_channels=in_channels, model_channels=model_channels,
+                channel_mult=tuple(w[0] // model_channels for w in levels), num_res_blocks=per_level.pop(),
+                attention_resolutions=tuple(2 ** i for i, d in enumerate(depth) if d), context_dim=to_k[1],
+                use_linear_in_transformer=len(proj_in) == 2, transformer_depth=depth,
+                transformer_depth_middle=_count(shapes, "middle_block.1.transformer_blocks.{}."))
+
+
+def sdxl_unet_config_from_weights(shapes: Mapping[str, tuple[int, ...]]) -> UNetConfig:
+    """An SDXL-style UNet (label_emb, Linear proj_in, 64-channel heads) from its keys: levels, widths and depths."""
+    for key in ("input_blocks.0.0.weight", "out.2.weight", "label_emb.0.0.weight"):
+        if key not in shapes:
+            raise ValueError(f"UNet weights lack {key!r}: not an SDXL UNet")
+    return UNetConfig(**encoder_from_weights(shapes), out_channels=shapes["out.2.weight"][0], num_head_channels=64,
                       adm_in_channels=shapes["label_emb.0.0.weight"][1])
 
 

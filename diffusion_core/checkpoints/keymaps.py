@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from ..models.controlnet import ControlNetConfig, ControlNetModel
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import VAE, VAEConfig
 
@@ -132,6 +133,35 @@ def unet_from_diffusers(state_dict: dict[str, torch.Tensor], config: UNetConfig)
 def unet_to_diffusers(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """An original-layout UNet state dict in diffusers' layout (tensors shared, not copied)."""
     return _rename(state_dict, [(o, d) for d, o in unet_key_pairs(config)], "original UNet weights")
+
+
+def controlnet_module_pairs(config: ControlNetConfig) -> list[tuple[str, str]]:
+    """(diffusers module, original module): the copied encoder's as the UNet's, then the hint embedding (conv_in,
+    blocks, conv_out = input_hint_block.0, 2, ..., a SiLU between each) and one zero conv per output."""
+    n_hint = 2 * (len(config.embedding_channels) - 1)  # blocks of the hint embedding between conv_in and conv_out
+    hint = ["conv_in", *(f"blocks.{k}" for k in range(n_hint)), "conv_out"]
+    skips = 1 + len(config.unet.channel_mult) * (config.unet.num_res_blocks + 1) - 1
+    return (unet_module_pairs(config.unet)
+            + [(f"controlnet_cond_embedding.{name}", f"input_hint_block.{2 * k}") for k, name in enumerate(hint)]
+            + [(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0") for i in range(skips)]
+            + [("controlnet_mid_block", "middle_block_out.0")])
+
+
+def controlnet_key_pairs(config: ControlNetConfig) -> list[tuple[str, str]]:
+    """(diffusers key, original key) for every parameter of a ControlNet with this config."""
+    with torch.device("meta"):
+        original_keys = list(ControlNetModel(config).state_dict())
+    return _key_pairs(original_keys, controlnet_module_pairs(config))
+
+
+def controlnet_from_diffusers(state_dict: dict[str, torch.Tensor], config: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel state dict in cldm's layout (tensors shared, not copied)."""
+    return _rename(state_dict, controlnet_key_pairs(config), "diffusers ControlNet weights")
+
+
+def controlnet_to_diffusers(state_dict: dict[str, torch.Tensor], config: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """A cldm-layout ControlNet state dict in diffusers' layout (tensors shared, not copied)."""
+    return _rename(state_dict, [(o, d) for d, o in controlnet_key_pairs(config)], "original ControlNet weights")
 
 
 def _is_vae_attention_weight(original_key: str) -> bool:

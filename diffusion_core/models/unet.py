@@ -242,6 +242,19 @@ class UNetEncoder(nn.Module):
             raise ValueError("text_embeds and time_ids are SDXL's; this UNet has no added embedding (label_emb)")
         return emb
 
+    def added_vector(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """SDXL's y = [pooled text (B, P); each time id's sinusoidal embedding (B, n·256)] (sgm's conditioner)."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("an SDXL UNet needs text_embeds (the pooled text embedding) and time_ids (the size and "
+                             "crop micro-conditioning)")
+        ids = timestep_embedding(time_ids.reshape(-1), self.config.time_id_dim).reshape(len(time_ids), -1)
+        y = torch.cat([text_embeds.to(ids.dtype), ids], dim=-1)  # (B, adm_in_channels)
+        if y.shape[-1] != self.config.adm_in_channels:
+            raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+                             f"{y.shape[-1]} values; this UNet's label_emb takes {self.config.adm_in_channels}")
+        return y
+
+
 class UNetModel(UNetEncoder):
     """Noise predictor ε_θ(z_t, t, c): a ResBlock/transformer UNet with skips (LDM §3.3; openaimodel.py).
 
@@ -314,19 +327,6 @@ class UNetModel(UNetEncoder):
             raise ValueError(f"{len(features)} adapter features for a UNet with {len(self.level_ends)} levels; "
                              f"at most {len(places)} (one per level and one for the middle block)")
         return dict(zip(places, features))
-
-    def added_vector(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
-        """SDXL's y = [pooled text (B, P); each time id's sinusoidal embedding (B, n·256)] (sgm's conditioner)."""
-        if text_embeds is None or time_ids is None:
-            raise ValueError("an SDXL UNet needs text_embeds (the pooled text embedding) and time_ids (the size and "
-                             "crop micro-conditioning)")
-        ids = timestep_embedding(time_ids.reshape(-1), self.config.time_id_dim).reshape(len(time_ids), -1)
-        y = torch.cat([text_embeds.to(ids.dtype), ids], dim=-1)  # (B, adm_in_channels)
-        if y.shape[-1] != self.config.adm_in_channels:
-            raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
-                             f"{y.shape[-1]} values; this UNet's label_emb takes {self.config.adm_in_channels}")
-        return y
-
 
 def _batch_timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
     """One timestep per sample, (B,), on the sample's device; dtypes as diffusers makes them."""
