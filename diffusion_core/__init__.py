@@ -5,7 +5,9 @@
     model.generate(GenerationConfig("a red circle on a blue background", seed=0)).image.save("out.png")
 """
 from .generation import GeneratedImage, GenerationConfig
+from .models.controlnet import ControlNetModel
+from .models.t2i_adapter import T2IAdapter
 from .pipeline import DiffusionModel
 from .schedulers import SamplerType, make_scheduler
 
-__all__ = ["DiffusionModel", "GenerationConfig", "GeneratedImage", "SamplerType", "make_scheduler"]
+__all__ = ["ControlNetModel", "DiffusionModel", "GenerationConfig", "GeneratedImage", "SamplerType", "T2IAdapter", "make_scheduler"]
