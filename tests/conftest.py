@@ -1,5 +1,31 @@
+import ctypes
+import os
+
 import pytest
 import torch
+
+
+def _mkl_set_dynamic():
+    """MKL's MKL_Set_Dynamic (linked into libtorch_cpu), or None for a torch built without it."""
+    try:
+        return ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Set_Dynamic
+    except (OSError, AttributeError):
+        return None
+
+
+_MKL_SET_DYNAMIC = _mkl_set_dynamic()
+
+
+def set_num_threads(threads: int) -> None:
+    """torch.set_num_threads, leaving MKL free to choose its own thread count per call, as in a fresh process.
+
+    torch.set_num_threads also fixes MKL's thread count, even to the value it had. From then on every MKL
+    vector-math call (sin, exp, ... of 128 elements or more) runs as a parallel region: 8 ms a call instead of
+    3 µs on this shared 2-core machine, so every test after the first module that used `one_thread` ran slower
+    (a 1000-step scheduler trajectory: 16 s instead of 1 s)."""
+    torch.set_num_threads(threads)
+    if _MKL_SET_DYNAMIC is not None:
+        _MKL_SET_DYNAMIC(1)
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +41,6 @@ def one_thread():
     """Tiny models are overhead-bound: one thread is faster than two that spin against each other.
     A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    set_num_threads(threads)
