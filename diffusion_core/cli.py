@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from . import preprocess
+from .adapters.lora import file_sha256
+from .control import ControlInput
 from .generation import GeneratedImage, GenerationConfig, read_png_parameters
 from .pipeline import QUALITY_PRESETS, DiffusionModel
 from .schedulers import SamplerType
@@ -46,6 +51,11 @@ examples:
   diffusion-core generate "a lighthouse at dusk" --checkpoint sd15.safetensors \\
       --lora watercolor_style.safetensors:0.8 --lora detail_tweaker.safetensors:-0.5
 
+  # ControlNet: Canny edges of a photo steer the composition (at 0.8, for the first 80% of the steps);
+  # several --control stack; a T2I-Adapter file works the same way
+  diffusion-core generate "a lighthouse at dusk" --checkpoint sd15.safetensors \
+      --control canny=control_v11p_sd15_canny.pth:photo.jpg:0.8:0:0.8
+
   # SDXL-Turbo (or SD-Turbo): Euler ancestral on trailing timesteps, 1 step, no guidance, 512x512
   diffusion-core generate "a cinematic photo of a fox" --checkpoint sd_xl_turbo_1.0_fp16.safetensors --turbo
 
@@ -54,12 +64,15 @@ chunk "diffusion-core" holds the parameters as JSON (GenerationConfig.from_png r
 """
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREPROCESSORS = ("canny", "shuffle", "inpaint")  # preprocess.py's weight-free ones; canny at cv2's usual 100, 200
 # the bundled shapes model's own tools: python -m diffusion_core.toy.train / .evaluate
 TOY_COMMANDS = {"train": "train the bundled shapes model from scratch (python -m diffusion_core.toy.train)",
                 "evaluate": "measure its prompt accuracy (python -m diffusion_core.toy.evaluate)",
                 "train-lora": "teach it a new shape with a LoRA (python -m diffusion_core.toy.train_lora)",
                 "train-embedding": "teach it a new word for something it can draw "
-                                   "(python -m diffusion_core.toy.train_embedding)"}
+                                   "(python -m diffusion_core.toy.train_embedding)",
+                "train-controlnet": "teach it to put its shape where a blob says, with a ControlNet "
+                                    "(python -m diffusion_core.toy.train_controlnet)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +195,13 @@ def _add_common(command: argparse.ArgumentParser, name: str) -> None:
     model.add_argument("--embedding", action="append", default=[], metavar="FILE",
                        help="load a textual-inversion embedding; prompts use it by the file's stem (A1111) or its "
                        "key (diffusers); repeat for several")
+    model.add_argument("--control", action="append", default=[], metavar="[PRE=]FILE:IMAGE[:SCALE[:START:END]]",
+                       help="steer with a ControlNet or T2I-Adapter FILE reading IMAGE, optionally preprocessed "
+                       f"first (PRE: {', '.join(PREPROCESSORS)}; inpaint takes --mask too), at SCALE (default: "
+                       "diffusers' for the command) over the share START..END of the steps; repeat to stack")
+    model.add_argument("--guess-mode", action=argparse.BooleanOptionalAction, default=None,
+                       help="ControlNets see the conditional half of the guided batch only (default: off, or as "
+                       "the --from image)")
     model.add_argument("--turbo", action="store_true", help="an SD-Turbo / SDXL-Turbo checkpoint: Euler ancestral, "
                        "trailing timesteps, 1 step, guidance 0, 512 px")
     sdxl = command.add_argument_group("SDXL")
@@ -248,10 +268,12 @@ def _run(args: argparse.Namespace) -> int:
     _load_loras(model, args)
     _load_embeddings(model, args)
     refiner = _load_model(args, refined[0]) if refined else None
+    controls, sources = _load_controls(model, args, images)
     base = _base_config(args, model)
     configs = [GenerationConfig.from_dict({**base.to_dict(), "seed": base.seed + i}) for i in range(args.n)]
     args.out.mkdir(parents=True, exist_ok=True)
-    for result in _generate(model, args, configs, images, refiner, refined[1] if refined else None):
+    for result in _generate(model, args, configs, images, refiner, refined[1] if refined else None, controls):
+        result.controls = [{**record, **source} for record, source in zip(result.controls, sources)]
         path = save_without_overwriting(result, args.out)
         print(f"{path}  (seed {result.seed}, {result.generation_time:.1f} s)")
     return 0
@@ -320,6 +342,88 @@ def _load_embeddings(model: DiffusionModel, args: argparse.Namespace) -> None:
         raise ValueError(f"{args.from_png} was made with embedding {wanted}: pass --embedding FILE for each to redo it")
 
 
+@dataclass(frozen=True)
+class ControlArgument:
+    """One --control: [PRE=]FILE:IMAGE[:SCALE[:START:END]]."""
+
+    file: Path
+    image: Path
+    preprocess: str | None = None
+    scale: float | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+
+def control_argument(value: str) -> ControlArgument:
+    """Parse a --control value; its trailing numbers are SCALE, or SCALE:START:END."""
+    parts = value.split(":")
+    numbers: list[float] = []
+    while len(parts) > 2 and len(numbers) < 3 and _is_number(parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    if len(parts) != 2 or len(numbers) == 2 or not all(parts):
+        raise ValueError(f"--control {value!r}: expected [PRE=]FILE:IMAGE[:SCALE[:START:END]], e.g. "
+                         f"canny=control_v11p_sd15_canny.pth:photo.png:0.8:0:0.8")
+    model, image = parts
+    preprocess, _, file = model.rpartition("=") if "=" in model else (None, "", model)
+    if preprocess is not None and preprocess not in PREPROCESSORS:
+        raise ValueError(f"--control {value!r}: unknown preprocessor {preprocess!r}; choose one of {PREPROCESSORS}")
+    window = dict(zip(("start", "end"), numbers[1:]))
+    return ControlArgument(Path(file), Path(image), preprocess, numbers[0] if numbers else None, **window)
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256; a folder's: the sha256 of its files' names and sha256s, in name order."""
+    if path.is_file():
+        return file_sha256(path)
+    listing = "".join(f"{p.relative_to(path)}:{file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_controls(model: DiffusionModel, args: argparse.Namespace, images: dict[str, Image.Image]
+                   ) -> tuple[list[ControlInput], list[dict[str, Any]]]:
+    """Each --control loaded with its (preprocessed) image, and what the PNG records of its files; with --from,
+    every control its PNG records must be given again."""
+    from .checkpoints.controlnet import load_control_model
+
+    controls, sources = [], []
+    for value in args.control:
+        spec = control_argument(value)
+        if not spec.image.is_file():
+            raise FileNotFoundError(f"--control {value!r}: no image {spec.image}")
+        if spec.preprocess == "inpaint" and "mask" not in images:
+            raise ValueError("--control inpaint=... takes the mask of the inpaint command's --mask")
+        image = Image.open(spec.image)
+        image = {"canny": lambda: preprocess.canny(image), "shuffle": lambda: preprocess.shuffle(image),
+                 "inpaint": lambda: preprocess.inpaint_condition(image, images.get("mask")),
+                 None: lambda: image}[spec.preprocess]()
+        control_model = load_control_model(spec.file, model.device, model.dtype)
+        controls.append(ControlInput(control_model, image, spec.scale, spec.start, spec.end))
+        sources.append({"file": spec.file.name, "sha256": _sha256(spec.file), "image": spec.image.name,
+                        "image_sha256": file_sha256(spec.image), "preprocess": spec.preprocess})
+    recorded = read_png_parameters(args.from_png).get("controls", []) if args.from_png else []
+
+    def redoes(record: dict[str, Any], source: dict[str, Any], control: ControlInput) -> bool:
+        """The same files and window, and the same scale (or none given: the same default again)."""
+        same_files = all(record[k] == source[k] for k in ("sha256", "image_sha256", "preprocess"))
+        same_window = (record["start"], record["end"]) == (control.start, control.end)
+        return same_files and same_window and control.scale in (None, record["scale"])
+
+    missing = [r for r in recorded if not any(redoes(r, s, c) for s, c in zip(sources, controls))]
+    if missing:
+        wanted = ", ".join(f"{c['file']} on {c['image']} (preprocess {c['preprocess']}, scale {c['scale']:g}, "
+                           f"{c['start']:g}..{c['end']:g})" for c in missing)
+        raise ValueError(f"{args.from_png} was made with control {wanted}: pass --control for each to redo it")
+    return controls, sources
+
+
 def _refiner_settings(args: argparse.Namespace) -> tuple[Path, float] | None:
     """(refiner file, switch) from --refiner / --refiner-switch-at; --from's PNG names the refiner it used."""
     refiner, switch_at = getattr(args, "refiner", None), getattr(args, "refiner_switch_at", None)
@@ -357,18 +461,26 @@ def _base_config(args: argparse.Namespace, model: DiffusionModel) -> GenerationC
 
 
 def _generate(model: DiffusionModel, args: argparse.Namespace, configs: list[GenerationConfig],
-              images: dict[str, Image.Image], refiner: DiffusionModel | None, switch_at: float | None):
-    progress = not args.quiet
+              images: dict[str, Image.Image], refiner: DiffusionModel | None, switch_at: float | None,
+              controls: list[ControlInput]):
+    common = {"progress": not args.quiet, "control": controls or None, "guess_mode": _guess_mode(args)}
     if args.command == "generate":
         handover = {} if refiner is None else {"refiner": refiner, "refiner_switch_at": switch_at}
         for start in range(0, len(configs), args.batch_size):
-            yield from model.generate_batch(configs[start:start + args.batch_size], progress=progress, **handover)
+            yield from model.generate_batch(configs[start:start + args.batch_size], **common, **handover)
     elif args.command == "img2img":
         for config in configs:
-            yield model.image_to_image(config, images["image"], args.strength, progress=progress)
+            yield model.image_to_image(config, images["image"], args.strength, **common)
     else:
         for config in configs:
-            yield model.inpaint(config, images["image"], images["mask"], args.strength, progress=progress)
+            yield model.inpaint(config, images["image"], images["mask"], args.strength, **common)
+
+
+def _guess_mode(args: argparse.Namespace) -> bool:
+    """--guess-mode / --no-guess-mode, else what the --from image recorded, else off."""
+    if args.guess_mode is not None:
+        return args.guess_mode
+    return bool(args.from_png and read_png_parameters(args.from_png).get("guess_mode"))
 
 
 def save_without_overwriting(result: GeneratedImage, folder: Path) -> Path:

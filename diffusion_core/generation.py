@@ -165,14 +165,17 @@ class GeneratedImage:
     loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # LoraReport.record() of each LoRA loaded
     embeddings: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {token, file, sha256} of each
                                                                                 # embedding the prompts use
+    controls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ControlInput.record() of each
+    guess_mode: bool = False                 # the ControlNets saw the conditional half only
 
     def parameters(self) -> dict[str, Any]:
         """What the PNG text chunk records: the config, the mode, the model (and refiner)."""
         refiner = {"refiner": self.refiner, "refiner_switch_at": self.refiner_switch_at} if self.refiner else {}
         loras = {"loras": self.loras} if self.loras else {}
         embeddings = {"embeddings": self.embeddings} if self.embeddings else {}
+        controls = {"controls": self.controls, "guess_mode": self.guess_mode} if self.controls else {}
         return {**self.config.to_dict(), "mode": self.mode, "strength": self.strength, "model": self.model,
-                "steps_taken": self.steps_taken, **refiner, **loras, **embeddings}
+                "steps_taken": self.steps_taken, **refiner, **loras, **embeddings, **controls}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a PNG carrying parameters() in its text chunk; an existing file is an error unless overwrite."""

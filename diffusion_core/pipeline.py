@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from .adapters.lora import LoraReport, LoraStack, file_sha256
+from .control import ControlInput, Controls, check_controls
 from .generation import GeneratedImage, GenerationConfig, DenoisingStep, read_png_parameters
 from .guidance import is_guided
 from .images import image_to_model_input, mask_to_model_input, tensor_to_pil
@@ -52,6 +53,14 @@ QUALITY_PRESETS = {"fast": ("dpmpp_2m", 0.4), "balanced": ("dpmpp_2m", 0.6), "hi
 PIPELINE_DEFAULTS = {"sd": {"image_to_image": {"strength": 0.75}, "inpaint": {"strength": 1.0}},
                      "sdxl": {"image_to_image": {"strength": 0.3}, "inpaint": {"strength": 0.9999,
                                                                                "guidance_scale": 7.5}}}
+# ... and of its ControlNet pipelines: image-to-image at 0.8, SDXL's inpainting at the model's guidance (5.0), and
+# their controlnet_conditioning_scale (a ControlInput's scale None); an adapter's is always 1.0
+CONTROL_DEFAULTS = {"sd": {"text_to_image": {"control_scale": 1.0},
+                           "image_to_image": {"strength": 0.8, "control_scale": 0.8},
+                           "inpaint": {"strength": 1.0, "control_scale": 0.5}},
+                    "sdxl": {"text_to_image": {"control_scale": 1.0},
+                             "image_to_image": {"strength": 0.8, "control_scale": 0.8},
+                             "inpaint": {"strength": 0.9999, "control_scale": 1.0}}}
 
 
 class DiffusionModel:
@@ -190,31 +199,45 @@ class DiffusionModel:
 
     # ------------------------------------------------------------ public generation API
 
-    def generate(self, config: GenerationConfig, *, refiner: DiffusionModel | None = None,
-                 refiner_switch_at: float = 0.8, callback: StepCallback | None = None, progress: bool = True,
+    def generate(self, config: GenerationConfig, *, control: list[ControlInput] | None = None,
+                 guess_mode: bool = False, refiner: DiffusionModel | None = None, refiner_switch_at: float = 0.8,
+                 callback: StepCallback | None = None, progress: bool = True,
                  return_intermediates: bool = False) -> GeneratedImage:
         """Text to image: diffusers' StableDiffusion(XL)Pipeline with generator=torch.Generator("cpu").manual_seed(seed).
 
         Args:
+            control: ControlNets and T2I-Adapters with their images (control.py), as diffusers' StableDiffusion(XL)
+                ControlNetPipeline / AdapterPipeline; width/height None then take the first control image's size,
+                rounded down to a multiple of 8 (an adapter's: of its unshuffle factor).
+            guess_mode: the ControlNets see the conditional half of the guided batch only (ControlNet §4.6).
             refiner: SDXL's ensemble of experts (eDiff-I; Podell et al. 2023, §2.5): this base model denoises the
                 first `refiner_switch_at` of the schedule, the refiner the rest, the generators carrying on.
             callback: called after every step with (step index, t, x after the step, x̂0 predicted at t).
             progress: show a tqdm bar.
             return_intermediates: keep x and x̂0 of every step in the result's `intermediates`.
         """
-        return self.generate_batch([config], refiner=refiner, refiner_switch_at=refiner_switch_at, callback=callback,
-                                   progress=progress, return_intermediates=return_intermediates)[0]
+        return self.generate_batch([config], control=control, guess_mode=guess_mode, refiner=refiner,
+                                   refiner_switch_at=refiner_switch_at, callback=callback, progress=progress,
+                                   return_intermediates=return_intermediates)[0]
 
-    def generate_batch(self, configs: list[GenerationConfig], *, refiner: DiffusionModel | None = None,
+    def generate_batch(self, configs: list[GenerationConfig], *, control: list[ControlInput] | None = None,
+                       guess_mode: bool = False, refiner: DiffusionModel | None = None,
                        refiner_switch_at: float = 0.8, callback: StepCallback | None = None, progress: bool = True,
                        return_intermediates: bool = False) -> list[GeneratedImage]:
         """Several configs, those that share size, steps, guidance, sampler and text reading in one batch; image i
-        equals generate(configs[i]), because each image draws from its own seeded generator."""
+        equals generate(configs[i]), because each image draws from its own seeded generator. `control` steers
+        every image."""
         if not isinstance(configs, (list, tuple)) or not all(isinstance(c, GenerationConfig) for c in configs):
             raise ValueError("generate_batch takes a list of GenerationConfig")
+        control = self._check_control(control, guess_mode, "text_to_image")
         if refiner is not None:
+            if control:
+                raise ValueError("control= steers one model's denoising; with refiner= it would stop at the handover "
+                                 "(diffusers has no such pipeline): generate with the base, then refine with "
+                                 "refiner.image_to_image")
             self._check_refiner(refiner, refiner_switch_at)
-        resolved = [self._resolve(c, self._native_size(), "text_to_image", refined=refiner is not None)
+        size = self._control_size(control) if control else self._native_size()
+        resolved = [self._resolve(c, size, "text_to_image", refined=refiner is not None, controlled=bool(control))
                     for c in configs]
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(resolved):
@@ -230,15 +253,16 @@ class DiffusionModel:
             if self.unet.config.in_channels == 9:  # an inpainting UNet draws on a blank canvas: mask all
                 w, h = batch[0].width, batch[0].height
                 outputs = self._run(batch, "text_to_image", Image.new("RGB", (w, h)), Image.new("L", (w, h), 255),
-                                    1.0, callback, progress, return_intermediates, handover)
+                                    1.0, callback, progress, return_intermediates, handover, control, guess_mode)
             else:
                 outputs = self._run(batch, "text_to_image", None, None, 1.0, callback, progress,
-                                    return_intermediates, handover)
+                                    return_intermediates, handover, control, guess_mode)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
 
     def image_to_image(self, config: GenerationConfig, init_image: Image.Image, strength: float | None = None, *,
+                       control: list[ControlInput] | None = None, guess_mode: bool = False,
                        callback: StepCallback | None = None, progress: bool = True,
                        return_intermediates: bool = False) -> GeneratedImage:
         """SDEdit (Meng et al. 2021, arXiv:2108.01073): noise the image to step int(n·strength), then denoise.
@@ -249,24 +273,23 @@ class DiffusionModel:
 
         Args:
             strength: in (0, 1]; 1 ignores the image's content, small values change little. None: diffusers'
-                default, 0.75 (SD) or 0.3 (SDXL).
+                default, 0.75 (SD) or 0.3 (SDXL); with control 0.8 (its ControlNet img2img pipelines).
+            control, guess_mode: as in `generate`; the control images are resized to the image's size.
         """
         _check_image("init_image", init_image)
-        strength = self._pipeline_default("image_to_image", "strength", strength)
+        control = self._check_control(control, guess_mode, "image_to_image")
+        strength = self._pipeline_default("image_to_image", "strength", strength, bool(control))
         _check_strength(strength, config, self)
-        f = self.vae_scale_factor
-        size = (init_image.width - init_image.width % f, init_image.height - init_image.height % f)
-        resolved = self._resolve(config, size, "image_to_image")
+        size = self._rounded_size(init_image.size)
+        resolved = self._resolve(config, size, "image_to_image", controlled=bool(control))
         self._check_memory(resolved.width, resolved.height, 1)
-        if self.unet.config.in_channels == 9:
-            white = Image.new("L", (resolved.width, resolved.height), 255)
-            return self._run([resolved], "image_to_image", init_image, white, strength, callback, progress,
-                             return_intermediates)[0]
-        return self._run([resolved], "image_to_image", init_image, None, strength, callback, progress,
-                         return_intermediates)[0]
+        white = Image.new("L", (resolved.width, resolved.height), 255) if self.unet.config.in_channels == 9 else None
+        return self._run([resolved], "image_to_image", init_image, white, strength, callback, progress,
+                         return_intermediates, None, control, guess_mode)[0]
 
     def inpaint(self, config: GenerationConfig, image: Image.Image, mask: Image.Image, strength: float | None = None,
-                *, callback: StepCallback | None = None, progress: bool = True,
+                *, control: list[ControlInput] | None = None, guess_mode: bool = False,
+                callback: StepCallback | None = None, progress: bool = True,
                 return_intermediates: bool = False) -> GeneratedImage:
         """Repaint where `mask` is white (>= 50% grey), keep where it is black, as diffusers'
         StableDiffusion(XL)InpaintPipeline: a 9-channel inpainting UNet sees the mask and the masked image; a
@@ -274,14 +297,20 @@ class DiffusionModel:
 
         width/height None mean the model's native size, as in diffusers; image and mask are resized to it.
         strength None is diffusers' default: 1.0 (SD), 0.9999 (SDXL, which keeps a trace of the image).
+        control, guess_mode: as in `generate`, as diffusers' StableDiffusion(XL)ControlNetInpaintPipeline, whose
+        width/height None mean the image's size rounded down to a multiple of 8. An inpainting ControlNet reads
+        `preprocess.inpaint_condition(image, mask)`.
         """
         _check_image("image", image)
         _check_image("mask", mask)
-        strength = self._pipeline_default("inpaint", "strength", strength)
+        control = self._check_control(control, guess_mode, "inpaint")
+        strength = self._pipeline_default("inpaint", "strength", strength, bool(control))
         _check_strength(strength, config, self)
-        resolved = self._resolve(config, self._native_size(), "inpaint")
+        size = self._rounded_size(image.size) if control else self._native_size()
+        resolved = self._resolve(config, size, "inpaint", controlled=bool(control))
         self._check_memory(resolved.width, resolved.height, 1)
-        return self._run([resolved], "inpaint", image, mask, strength, callback, progress, return_intermediates)[0]
+        return self._run([resolved], "inpaint", image, mask, strength, callback, progress, return_intermediates,
+                         None, control, guess_mode)[0]
 
     def get_optimal_config(self, quality: str = "balanced", prompt: str = "", **fields: Any) -> GenerationConfig:
         """A GenerationConfig for a speed/quality trade-off: "fast" (DPM-Solver++ 2M, 40% of the default steps),
@@ -425,20 +454,43 @@ class DiffusionModel:
     def _native_size(self) -> tuple[int, int]:
         return self.config.native_size, self.config.native_size
 
-    def _pipeline_default(self, mode: str, name: str, value: Any) -> Any:
-        """`value`, or diffusers' default for this pipeline and model family when it is None."""
+    def _rounded_size(self, size: tuple[int, int], multiple: int = 1) -> tuple[int, int]:
+        """(width, height) rounded down to a multiple of the VAE factor (and of `multiple`), as diffusers does."""
+        m = max(self.vae_scale_factor, multiple)
+        return size[0] - size[0] % m, size[1] - size[1] % m
+
+    def _control_size(self, control: list[ControlInput]) -> tuple[int, int]:
+        """diffusers' ControlNet / Adapter pipelines: the size of the first control image, rounded down."""
+        return self._rounded_size(control[0].size, max(c.size_multiple for c in control))
+
+    def _check_control(self, control: list[ControlInput] | None, guess_mode: bool, mode: str) -> list[ControlInput]:
+        """The controls checked against this model, each scale None set to diffusers' default for the pipeline."""
+        if not isinstance(guess_mode, bool):
+            raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+        if control is None:
+            if guess_mode:
+                raise ValueError("guess_mode=True changes how ControlNets are run; pass control=[ControlInput(...)]")
+            return []
+        check_controls(control, self.unet, self.config.family)
+        default = 1.0 if control[0].is_adapter else self._pipeline_default(mode, "control_scale", None, True)
+        return [c if c.scale is not None else dataclasses.replace(c, scale=default) for c in control]
+
+    def _pipeline_default(self, mode: str, name: str, value: Any, controlled: bool = False) -> Any:
+        """`value`, or diffusers' default for this pipeline (its ControlNet one when `controlled`) and model family
+        when it is None."""
         if value is not None:
             return value
-        return PIPELINE_DEFAULTS["sdxl" if self.config.text_2 else "sd"].get(mode, {}).get(name)
+        table = CONTROL_DEFAULTS if controlled else PIPELINE_DEFAULTS
+        return table["sdxl" if self.config.text_2 else "sd"].get(mode, {}).get(name)
 
     def _resolve(self, config: GenerationConfig, default_size: tuple[int, int], mode: str = "text_to_image",
-                 refined: bool = False) -> GenerationConfig:
+                 refined: bool = False, controlled: bool = False) -> GenerationConfig:
         """The config with every default filled in, checked against this model before any heavy work."""
         if not isinstance(config, GenerationConfig):
             raise ValueError(f"expected a GenerationConfig, got {type(config).__name__}")
         self._check_family_fields(config, refined)
         sampler = config.sampler or self._default_sampler_name()
-        guidance = self._pipeline_default(mode, "guidance_scale", None) or self.config.default_guidance
+        guidance = self._pipeline_default(mode, "guidance_scale", None, controlled) or self.config.default_guidance
         resolved = dataclasses.replace(
             config, width=config.width or default_size[0], height=config.height or default_size[1],
             num_inference_steps=config.num_inference_steps or self.config.default_steps,
@@ -527,8 +579,10 @@ class DiffusionModel:
     @torch.no_grad()
     def _run(self, configs: list[GenerationConfig], mode: str, image: Image.Image | None, mask: Image.Image | None,
              strength: float, callback: StepCallback | None, progress: bool, return_intermediates: bool,
-             handover: tuple[DiffusionModel, float] | None = None) -> list[GeneratedImage]:
-        """One batch of resolved configs sharing size, steps, guidance and sampler, in diffusers' order of draws."""
+             handover: tuple[DiffusionModel, float] | None = None, control: list[ControlInput] = (),
+             guess_mode: bool = False) -> list[GeneratedImage]:
+        """One batch of resolved configs sharing size, steps, guidance and sampler, in diffusers' order of draws
+        (control images take none)."""
         first = configs[0]
         batch, width, height = len(configs), first.width, first.height
         scheduler = self._scheduler_for(first.sampler)
@@ -559,6 +613,11 @@ class DiffusionModel:
                                                                          generators, shape)
                 if channels is not None:  # a 9-channel UNet sees the mask and the masked image in both passes
                     conditioning = conditioning.replace(inpainting=torch.cat([channels] * 2) if guided else channels)
+        if control:
+            with clock("control"):
+                conditioning = conditioning.replace(control=Controls(
+                    control, width, height, batch, guided, guess_mode, len(timesteps), first.num_inference_steps,
+                    self.device))
         log = _StepLog(batch, callback, return_intermediates)
         with clock("denoising"):
             latents = denoise(self._sampling_unet(), scheduler, latents, conditioning, timesteps, first.guidance_scale,
@@ -579,7 +638,8 @@ class DiffusionModel:
                                refiner=handover[0].config.name if handover else None,
                                refiner_switch_at=handover[1] if handover else None,
                                loras=[report.record() for report in self.loras.reports],
-                               embeddings=self._embeddings_used(c))
+                               embeddings=self._embeddings_used(c), controls=[k.record() for k in control],
+                               guess_mode=guess_mode)
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
     def _refine(self, latents: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator],

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from tqdm import tqdm
 
 from .guidance import classifier_free_guidance, is_guided
 from .schedulers import NoiseScheduler
+
+if TYPE_CHECKING:
+    from .control import Controls
 
 # callback(step_index, t, x, pred_x0): x is the sample after the step, pred_x0 the model's x̂0 at t
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -29,6 +33,7 @@ class Conditioning:
     text_embeds: torch.Tensor | None = None    # SDXL: (B, 1280) pooled text embedding
     time_ids: torch.Tensor | None = None       # SDXL: (B, 6) size and crop ids; the refiner's (B, 5) end in a score
     inpainting: torch.Tensor | None = None     # 9-channel inpainting: (B, 5, h, w) = [mask, masked-image latents]
+    control: Controls | None = None            # ControlNets / T2I-Adapters: what they add to the UNet at each step
 
     @classmethod
     def guided(cls, negative: Conditioning, positive: Conditioning) -> Conditioning:
@@ -37,9 +42,11 @@ class Conditioning:
 
     @classmethod
     def cat(cls, rows: list[Conditioning]) -> Conditioning:
-        """Several conditionings as one batch, each field concatenated along the batch."""
-        return cls(**{f.name: None if getattr(rows[0], f.name) is None else
-                      torch.cat([getattr(row, f.name) for row in rows]) for f in fields(cls)})
+        """Several conditionings as one batch, each tensor field concatenated along the batch (controls are
+        attached to the whole batch afterwards)."""
+        tensors = ("context", "text_embeds", "time_ids", "inpainting")
+        return cls(**{name: None if getattr(rows[0], name) is None else
+                      torch.cat([getattr(row, name) for row in rows]) for name in tensors})
 
     def added(self) -> dict[str, torch.Tensor]:
         """SDXL's added conditions, as diffusers' `added_cond_kwargs`: empty for SD 1.x / 2.x."""
@@ -49,7 +56,7 @@ class Conditioning:
         """The conditioning of the loop's step `step`: always this one (see ConditioningSchedule)."""
         return self
 
-    def replace(self, **changes: torch.Tensor) -> Conditioning:
+    def replace(self, **changes: torch.Tensor | Controls) -> Conditioning:
         return dataclasses.replace(self, **changes)
 
     def after(self, steps: int) -> Conditioning:
@@ -71,8 +78,9 @@ class ConditioningSchedule:
     def at(self, step: int) -> Conditioning:
         return next((part for end, part in zip(self.ends, self.parts) if step <= end), self.parts[-1])
 
-    def replace(self, **changes: torch.Tensor) -> ConditioningSchedule:
-        """The same schedule with fields that do not change over the steps (SDXL's time ids, inpainting) set."""
+    def replace(self, **changes: torch.Tensor | Controls) -> ConditioningSchedule:
+        """The same schedule with fields set that do not change over the steps (SDXL's time ids, inpainting,
+        controls)."""
         return ConditioningSchedule(self.ends, [part.replace(**changes) for part in self.parts])
 
     def after(self, steps: int) -> ConditioningSchedule:
@@ -118,9 +126,10 @@ def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor,
         x_in = torch.cat([latents] * 2) if guided else latents
         x_in = scheduler.scale_model_input(x_in, t)
         c = conditioning.at(i)
-        if c.inpainting is not None:
+        control = {} if c.control is None else c.control.unet_inputs(i, x_in, t, c.context, c.added())
+        if c.inpainting is not None:  # the ControlNet above saw the latent's 4 channels, as in diffusers
             x_in = torch.cat([x_in, c.inpainting], dim=1)  # (B', 9, h, w)
-        prediction = unet(x_in, t, c.context, **c.added())
+        prediction = unet(x_in, t, c.context, **c.added(), **control)
         if guided:
             uncond, cond = prediction.chunk(2)
             prediction = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)

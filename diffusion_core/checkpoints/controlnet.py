@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ..models.controlnet import ControlNetConfig, ControlNetModel
+from ..models.t2i_adapter import T2IAdapter
 from ..models.unet import UNetConfig
 from .configs import encoder_from_weights
 from .keymaps import controlnet_from_diffusers, controlnet_key_pairs
@@ -55,6 +56,21 @@ def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype:
     return _load_original(f, torch.device(device), dtype, global_pool_conditions)
 
 
+def load_control_model(path: str | Path, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> ControlNetModel | T2IAdapter:
+    """A ControlNet or a T2I-Adapter, whichever the folder's config.json or the file's keys show."""
+    path = Path(path)
+    if path.is_dir():
+        kind = _read_json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
+        adapter = kind == "T2IAdapter"
+    elif path.is_file() and path.suffix in SUFFIXES:
+        adapter = not any("input_hint_block." in k or k.startswith("controlnet_cond_embedding.")
+                          for k in open_weights(path).shapes)
+    else:
+        raise FileNotFoundError(f"{path}: no ControlNet or T2I-Adapter file ({', '.join(SUFFIXES)}) or folder")
+    return T2IAdapter.from_pretrained(path, device, dtype) if adapter else load_controlnet(path, device, dtype)
+
+
 def _load_original(f: WeightsFile, device: torch.device, dtype: torch.dtype,
                    global_pool: bool | None) -> ControlNetModel:
     prefix = ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in f.shapes) else ""
@@ -66,8 +82,9 @@ def _load_original(f: WeightsFile, device: torch.device, dtype: torch.dtype,
     if "input_hint_block.0.weight" not in shapes:
         raise CheckpointError(f"{f.path}: not a ControlNet: no {prefix}input_hint_block.0.weight (the control-image "
                               f"embedding)")
+    params = _yaml_params(f.path)
     try:
-        config = _config_from_weights(shapes, _global_pool_of_original(f.path, global_pool))
+        config = _config_from_weights(shapes, _global_pool_of_original(f.path, global_pool, params), params)
     except ValueError as e:
         raise CheckpointError(f"{f.path}: {e}") from e
     model = _empty(ControlNetModel, config)
@@ -75,11 +92,16 @@ def _load_original(f: WeightsFile, device: torch.device, dtype: torch.dtype,
     return _fill(model, ((k, f.read(prefix + k, dtype)) for k in shapes), device, dtype)
 
 
-def _config_from_weights(shapes: dict[str, tuple[int, ...]], global_pool: bool) -> ControlNetConfig:
+def _config_from_weights(shapes: dict[str, tuple[int, ...]], global_pool: bool,
+                         params: dict[str, Any]) -> ControlNetConfig:
     """The architecture from cldm's key names: the encoder as the UNet's, the hint embedding's widths, and the
-    head layout SD uses (SD 1.x: 8 heads with 1x1-conv projections; SD 2.x / SDXL: 64-channel heads, Linear)."""
+    head layout, which weights cannot show: the yaml's (`params`) when one is beside the file, else SD's
+    (SD 1.x: 8 heads with 1x1-conv projections; SD 2.x / SDXL: 64-channel heads, Linear)."""
     encoder = encoder_from_weights(shapes)
     heads = {"num_head_channels": 64} if encoder["use_linear_in_transformer"] else {"num_heads": 8}
+    if {"num_heads", "num_head_channels"} & params.keys():
+        heads = {"num_heads": params.get("num_heads", -1), "num_head_channels": params.get("num_head_channels", -1)}
+    heads["upcast_attention"] = bool(params.get("upcast_attention", False))  # attention in fp32 under fp16
     adm = shapes.get("label_emb.0.0.weight")
     unet = UNetConfig(**encoder, out_channels=encoder["in_channels"], **heads,
                       adm_in_channels=None if adm is None else adm[1])
@@ -95,13 +117,20 @@ def _hint_widths(convs: list[tuple[int, tuple[int, ...]]]) -> tuple[int, ...]:
     return (outs[0], *outs[2::2])
 
 
-def _global_pool_of_original(path: Path, given: bool | None) -> bool:
+def _yaml_params(path: Path) -> dict[str, Any]:
+    """The ControlNet's parameters in the cldm yaml beside an original file (lllyasviel ships `<stem>.yaml`), or {}."""
+    beside = path.with_suffix(".yaml")
+    if not beside.is_file():
+        return {}
+    model = (yaml.safe_load(beside.read_text()) or {}).get("model", {})
+    return model.get("params", {}).get("control_stage_config", {}).get("params", {})
+
+
+def _global_pool_of_original(path: Path, given: bool | None, params: dict[str, Any]) -> bool:
     if given is not None:
         return given
-    beside = path.with_suffix(".yaml")
-    if beside.is_file():
-        params = yaml.safe_load(beside.read_text()).get("model", {}).get("params", {}).get("control_stage_config", {})
-        return bool(params.get("params", {}).get("global_average_pooling", False))
+    if params:
+        return bool(params.get("global_average_pooling", False))
     if "shuffle" in path.name.lower():
         logger.info("%s: a shuffle ControlNet by its name: its residuals are averaged over the image", path)
         return True
