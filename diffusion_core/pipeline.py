@@ -467,11 +467,12 @@ class DiffusionModel:
         """The controls checked against this model, each scale None set to diffusers' default for the pipeline."""
         if not isinstance(guess_mode, bool):
             raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
-        if control is None:
+        if control is not None:
+            check_controls(control, self.unet, self.config.family)
+        if not control:
             if guess_mode:
                 raise ValueError("guess_mode=True changes how ControlNets are run; pass control=[ControlInput(...)]")
             return []
-        check_controls(control, self.unet, self.config.family)
         default = 1.0 if control[0].is_adapter else self._pipeline_default(mode, "control_scale", None, True)
         return [c if c.scale is not None else dataclasses.replace(c, scale=default) for c in control]
 

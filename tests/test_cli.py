@@ -134,7 +134,7 @@ def test_console_script_is_declared():
     assert [s.value for s in scripts if s.name == "diffusion-core"] == ["diffusion_core.cli:main"]
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "train-lora", "train-embedding"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "train-lora", "train-embedding", "train-controlnet"])
 def test_toy_commands_hand_every_flag_to_their_module(monkeypatch, command):
     module = importlib.import_module(f"diffusion_core.toy.{command.replace('-', '_')}")
     received = []

@@ -291,8 +291,9 @@ def test_malformed_control_inputs_are_refused(controlnets, fields, message):
 def test_control_requests_that_cannot_work_are_refused(models, controlnets):
     sd1, cn = models("sd1")[1], controlnets("sd1")[1]
     config = GenerationConfig(PROMPT, num_inference_steps=2, width=SIZE, height=SIZE)
-    with pytest.raises(ValueError, match="guess_mode=True .* pass control="):
-        sd1.generate(config, guess_mode=True)
+    for nothing in (None, []):
+        with pytest.raises(ValueError, match="guess_mode=True .* pass control="):
+            sd1.generate(config, control=nothing, guess_mode=True)
     with pytest.raises(ValueError, match="control= takes a list of ControlInput"):
         sd1.generate(config, control=[cn])
     sdxl = models("sdxl")[1]

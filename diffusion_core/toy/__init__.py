@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 WEIGHTS = Path(__file__).parent / "weights" / "toy_shapes.safetensors"  # toy_shapes.yaml lies beside it
 STAR_LORA = WEIGHTS.parent / "star_lora.safetensors"  # a LoRA that teaches it stars (toy/train_lora.py)
 SUNDISC_EMBEDDING = WEIGHTS.parent / "sundisc.safetensors"  # a word for a yellow circle (toy/train_embedding.py)
+BLOB_CONTROLNET = WEIGHTS.parent / "toy_blob_controlnet.safetensors"  # puts the shape at a blob (toy/train_controlnet.py)
 # The sampler, steps and guidance used when a GenerationConfig leaves them unset: the best measured by
 # `python -m diffusion_core.toy.evaluate` within the 1 s-per-image budget (docs/toy-model.md).
 DEFAULT_SAMPLER = "euler_a"

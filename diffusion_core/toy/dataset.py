@@ -76,11 +76,18 @@ def parse_caption(caption: str) -> Scene:
     return Scene(words[1], words[2], words[5])
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw one image of `scene`, 64x64 by default (a larger canvas scales the shape with it); size, position,
-    colour jitter and pixel noise come from `rng`."""
+def random_box(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[int, int, int]:
+    """(left, top, side) of a shape's bounding box: 24-48 px on a 64 px canvas (scaled with it), inside it."""
     side = int(rng.integers(SHAPE_SIZE[0] * size // IMAGE_SIZE, SHAPE_SIZE[1] * size // IMAGE_SIZE + 1))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    return x0, y0, side
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE,
+           box: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw one image of `scene`, 64x64 by default (a larger canvas scales the shape with it); the box
+    (left, top, side: default `random_box(rng, size)`), colour jitter and pixel noise come from `rng`."""
+    x0, y0, side = box or random_box(rng, size)
     fg = _jitter(PALETTE[scene.colour], rng)
     bg = _jitter(PALETTE[scene.background], rng)
     k = SUPERSAMPLE

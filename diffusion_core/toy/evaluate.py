@@ -39,6 +39,7 @@ class Detection:
     background: str
     colour: str | None
     shape: str | None
+    centre: tuple[float, float] | None = None  # (x, y) of the shape's bounding box centre, in pixels
 
     def matches(self, scene: Scene) -> bool:
         return (self.background, self.colour, self.shape) == (scene.background, scene.colour, scene.shape)
@@ -60,15 +61,24 @@ def detect(image: Image.Image, shapes: tuple[str, ...] = SHAPES) -> Detection:
     colour = counts.argmax()
     if counts[colour] < MIN_SHAPE_PIXELS:
         return Detection(_NAMES[background], None, None)
-    return Detection(_NAMES[background], _NAMES[colour], classify_shape(labels == colour, shapes))
+    mask = labels == colour
+    rows, cols = bounds(mask)
+    centre = ((cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2)  # pixel i spans [i, i + 1)
+    return Detection(_NAMES[background], _NAMES[colour], classify_shape(mask, shapes), centre)
+
+
+def bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and columns of the shape: those with at least two shape pixels (lone stray pixels do not count),
+    or, when only scattered pixels exist, every one that has any."""
+    rows, cols = np.flatnonzero(mask.sum(axis=1) >= 2), np.flatnonzero(mask.sum(axis=0) >= 2)
+    if len(rows) == 0 or len(cols) == 0:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return rows, cols
 
 
 def classify_shape(mask: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> str:
     """The ideal shape of `shapes` nearest in (fill ratio, lower-half share) to the mask's bounding-box statistics."""
-    # Rows and columns with at least two shape pixels bound the shape; lone stray pixels do not.
-    rows, cols = np.flatnonzero(mask.sum(axis=1) >= 2), np.flatnonzero(mask.sum(axis=0) >= 2)
-    if len(rows) == 0 or len(cols) == 0:  # only scattered pixels: fall back to all of them
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = bounds(mask)
     box = mask[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
     fill = box.mean()
     half = box.shape[0] / 2

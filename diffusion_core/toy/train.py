@@ -119,12 +119,16 @@ def noised_batch(z0: torch.Tensor, captions: list[str], scheduler, c: TrainConfi
 
 
 def diffusion_loss(unet: UNetModel, text_encoder: TextEncoder, z0: torch.Tensor, captions: list[str],
-                   scheduler, c: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+                   scheduler, c: TrainConfig, generator: torch.Generator,
+                   control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None) -> torch.Tensor:
     """DDPM's simple loss (Ho et al. 2020, eq. 14) on ε, or on v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·z0 (Salimans & Ho 2022),
-    which weights the high-noise steps, where colours and shape are decided, like a loss on z0 itself."""
+    which weights the high-noise steps, where colours and shape are decided, like a loss on z0 itself.
+    `control(z_t, t, context)` gives what else the UNet adds (a ControlNet's residuals)."""
     captions, t, eps, z_t = noised_batch(z0, captions, scheduler, c, generator)
     target = eps if c.prediction_type == "epsilon" else scheduler.get_velocity(z0, eps, t)
-    return F.mse_loss(unet(z_t, t, text_encoder(captions)), target)
+    context = text_encoder(captions)
+    extra = {} if control is None else control(z_t, t, context)
+    return F.mse_loss(unet(z_t, t, context, **extra), target)
 
 
 @torch.no_grad()
