@@ -16,7 +16,6 @@ import torch
 from diffusers import (MultiAdapter, StableDiffusionAdapterPipeline, StableDiffusionControlNetImg2ImgPipeline,
                        StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline,
                        StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline)
-from diffusers import T2IAdapter as DiffusersT2IAdapter
 from PIL import Image
 
 import checkpoint_fixtures as fx
