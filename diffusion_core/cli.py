@@ -400,18 +400,32 @@ def _load_controls(model: DiffusionModel, args: argparse.Namespace, images: dict
             raise FileNotFoundError(f"--control {value!r}: no image {spec.image}")
         if spec.preprocess == "inpaint" and "mask" not in images:
             raise ValueError("--control inpaint=... takes the mask of the inpaint command's --mask")
-        image = Image.open(spec.image)
-        image = {"canny": lambda: preprocess.canny(image), "shuffle": lambda: preprocess.shuffle(image),
-                 "inpaint": lambda: preprocess.inpaint_condition(image, images.get("mask")),
-                 None: lambda: image}[spec.preprocess]()
+        image = _preprocessed(Image.open(spec.image), spec.preprocess, images.get("mask"))
         control_model = load_control_model(spec.file, model.device, model.dtype)
         controls.append(ControlInput(control_model, image, spec.scale, spec.start, spec.end))
         sources.append({"file": spec.file.name, "sha256": _sha256(spec.file), "image": spec.image.name,
                         "image_sha256": file_sha256(spec.image), "preprocess": spec.preprocess})
-    recorded = read_png_parameters(args.from_png).get("controls", []) if args.from_png else []
+    if args.from_png:
+        _check_redone(read_png_parameters(args.from_png).get("controls", []), controls, sources, args.from_png)
+    return controls, sources
 
+
+def _preprocessed(image: Image.Image, name: str | None, mask: Image.Image | None) -> Image.Image | torch.Tensor:
+    """The control image after --control's PRE (preprocess.py), or as it is."""
+    if name == "canny":
+        return preprocess.canny(image)
+    if name == "shuffle":
+        return preprocess.shuffle(image)
+    if name == "inpaint":
+        return preprocess.inpaint_condition(image, mask)
+    return image
+
+
+def _check_redone(recorded: list[dict[str, Any]], controls: list[ControlInput], sources: list[dict[str, Any]],
+                  png: Path) -> None:
+    """--from: each control the PNG records is given again, with the same files and window and the same scale
+    (or none given: the same default again)."""
     def redoes(record: dict[str, Any], source: dict[str, Any], control: ControlInput) -> bool:
-        """The same files and window, and the same scale (or none given: the same default again)."""
         same_files = all(record[k] == source[k] for k in ("sha256", "image_sha256", "preprocess"))
         same_window = (record["start"], record["end"]) == (control.start, control.end)
         return same_files and same_window and control.scale in (None, record["scale"])
@@ -420,8 +434,7 @@ def _load_controls(model: DiffusionModel, args: argparse.Namespace, images: dict
     if missing:
         wanted = ", ".join(f"{c['file']} on {c['image']} (preprocess {c['preprocess']}, scale {c['scale']:g}, "
                            f"{c['start']:g}..{c['end']:g})" for c in missing)
-        raise ValueError(f"{args.from_png} was made with control {wanted}: pass --control for each to redo it")
-    return controls, sources
+        raise ValueError(f"{png} was made with control {wanted}: pass --control for each to redo it")
 
 
 def _refiner_settings(args: argparse.Namespace) -> tuple[Path, float] | None:

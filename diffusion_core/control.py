@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import image_to_unit_range
 from .models.controlnet import ControlNetModel
 from .models.t2i_adapter import T2IAdapter
 from .models.unet import UNetModel
@@ -88,10 +88,7 @@ class ControlInput:
         mode = {1: "L", 3: "RGB"}.get(channels)
         if mode is None:
             raise ValueError(f"a {channels}-channel control model reads tensors, not PIL images")
-        resized = self.image.convert(mode).resize((width, height), Image.Resampling.LANCZOS)
-        array = np.array(resized).astype(np.float32) / 255.0
-        array = array[..., None] if array.ndim == 2 else array
-        return torch.from_numpy(array).permute(2, 0, 1)[None]
+        return image_to_unit_range(self.image, width, height, mode)
 
 
 def controlnet_keep(i: int, steps: int, start: float, end: float) -> float:
@@ -192,8 +189,10 @@ def _fits(c: ControlInput, unet: UNetModel) -> bool:
             (own.context_dim, own.adm_in_channels) == (theirs.context_dim, theirs.adm_in_channels)
     widths = [w for _, w, _ in c.model.config.levels()]
     levels = [unet.config.model_channels * m for m in unet.config.channel_mult]
-    sdxl = c.model.family == "sdxl"
-    return sdxl == (unet.config.adm_in_channels is not None) and widths in (levels, levels + levels[-1:] * sdxl)
+    if c.model.family != "sdxl":
+        return unet.config.adm_in_channels is None and widths == levels
+    middle = levels[-1]
+    return unet.config.adm_in_channels is not None and widths in (levels, levels + [middle])
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

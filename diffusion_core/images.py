@@ -21,14 +21,21 @@ def tensor_to_pil(image: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
 
 
+def image_to_unit_range(image: Image.Image, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
+    """Image -> (1, C, height, width) in [0, 1]: converted to `mode`, Lanczos-resized, x/255 in float32, as
+    diffusers' VaeImageProcessor (and its adapter pipelines) prepare images."""
+    resized = image.convert(mode).resize((width, height), Image.Resampling.LANCZOS)
+    array = np.array(resized).astype(np.float32) / 255.0
+    array = array[..., None] if array.ndim == 2 else array  # "L": one channel
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
 def image_to_model_input(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """RGB image -> (1, 3, height, width) in [-1, 1], resized and scaled as diffusers' VaeImageProcessor does.
 
     Lanczos resampling, then x/255 and 2x - 1 in float32: the same arithmetic gives the same latents.
     """
-    resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-    array = np.array(resized).astype(np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) - 1.0
+    return 2.0 * image_to_unit_range(image, width, height) - 1.0
 
 
 def mask_to_model_input(mask: Image.Image, width: int, height: int) -> torch.Tensor:

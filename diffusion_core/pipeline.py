@@ -473,8 +473,9 @@ class DiffusionModel:
             if guess_mode:
                 raise ValueError("guess_mode=True changes how ControlNets are run; pass control=[ControlInput(...)]")
             return []
-        default = 1.0 if control[0].is_adapter else self._pipeline_default(mode, "control_scale", None, True)
-        return [c if c.scale is not None else dataclasses.replace(c, scale=default) for c in control]
+        controlnet_scale = self._pipeline_default(mode, "control_scale", None, True)
+        return [c if c.scale is not None else dataclasses.replace(c, scale=1.0 if c.is_adapter else controlnet_scale)
+                for c in control]
 
     def _pipeline_default(self, mode: str, name: str, value: Any, controlled: bool = False) -> Any:
         """`value`, or diffusers' default for this pipeline (its ControlNet one when `controlled`) and model family
@@ -632,6 +633,7 @@ class DiffusionModel:
         with clock("decoding"):
             pictures = tensor_to_pil(decoder.decode_latents(latents))
         wall = clock.total()
+        records = [c.record() for c in control]
         return [GeneratedImage(image=picture, prompt=c.prompt, config=c, seed=c.seed, generation_time=wall,
                                steps_taken=steps, timings=dict(clock.seconds), peak_memory=clock.peak_memory(),
                                mode=mode, strength=None if image is None or mode == "text_to_image" else strength,
@@ -639,7 +641,7 @@ class DiffusionModel:
                                refiner=handover[0].config.name if handover else None,
                                refiner_switch_at=handover[1] if handover else None,
                                loras=[report.record() for report in self.loras.reports],
-                               embeddings=self._embeddings_used(c), controls=[k.record() for k in control],
+                               embeddings=self._embeddings_used(c), controls=records,
                                guess_mode=guess_mode)
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
