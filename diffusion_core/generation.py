@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from .a1111 import infotext
 from .schedulers import SamplerType
 
 PNG_KEY = "diffusion-core"  # PNG text chunk holding a GeneratedImage's parameters as JSON
@@ -38,6 +39,8 @@ class GenerationConfig:
     guidance_rescale: float = 0.0            # φ of Lin et al. 2023 §3.4 in [0, 1]; 0 = plain CFG
     seed: int | None = 0                     # seeds torch.Generator("cpu"); None draws one (recorded in the result)
     sampler: str | None = None               # a SamplerType name ("euler_a", ...); None = the checkpoint's scheduler
+    use_karras_sigmas: bool | None = None    # Karras et al. 2022 eq. 5 σs (euler, dpmpp_2m, unipc; A1111's "Karras"
+                                             # schedule); None = as the checkpoint's scheduler config says
     clip_skip: int | None = None             # text-encoder blocks skipped before the one read, diffusers' meaning
                                              # (SD 1.x: 1 = the penultimate); A1111's "Clip skip" is this + 1
     prompt_weighting: bool = False           # read prompts in A1111's syntax: (word:1.3), [word], BREAK, [a:b:10],
@@ -76,6 +79,9 @@ class GenerationConfig:
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         if self.sampler is not None:
             object.__setattr__(self, "sampler", _sampler_name(self.sampler))
+        if self.use_karras_sigmas not in (None, True, False):
+            raise ValueError(f"use_karras_sigmas must be True, False or None (the checkpoint's), "
+                             f"got {self.use_karras_sigmas!r}")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 1):
             raise ValueError(f"clip_skip must be an integer >= 1 (diffusers' meaning: 1 reads SD 1.x's penultimate "
                              f"layer, A1111's 'Clip skip 2') or None, got {self.clip_skip!r}")
@@ -167,6 +173,7 @@ class GeneratedImage:
                                                                                 # embedding the prompts use
     controls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ControlInput.record() of each
     guess_mode: bool = False                 # the ControlNets saw the conditional half only
+    interrupted: bool = False                # the callback stopped the loop early: the image is that step's x̂0
 
     def parameters(self) -> dict[str, Any]:
         """What the PNG text chunk records: the config, the mode, the model (and refiner)."""
@@ -174,17 +181,23 @@ class GeneratedImage:
         loras = {"loras": self.loras} if self.loras else {}
         embeddings = {"embeddings": self.embeddings} if self.embeddings else {}
         controls = {"controls": self.controls, "guess_mode": self.guess_mode} if self.controls else {}
+        interrupted = {"interrupted": True} if self.interrupted else {}
         return {**self.config.to_dict(), "mode": self.mode, "strength": self.strength, "model": self.model,
-                "steps_taken": self.steps_taken, **refiner, **loras, **embeddings, **controls}
+                "steps_taken": self.steps_taken, **refiner, **loras, **embeddings, **controls, **interrupted}
+
+    def png_info(self, model_hash: str | None = None, extra: dict[str, Any] | None = None) -> PngImagePlugin.PngInfo:
+        """The PNG text chunks: parameters() as JSON, and A1111's infotext that other SD tools read (with the
+        checkpoint's sha256 as its "Model hash" and `extra` keys, when given)."""
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_KEY, json.dumps(self.parameters()))
+        info.add_text("parameters", infotext(self, model_hash, extra))
+        return info
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a PNG carrying parameters() in its text chunk; an existing file is an error unless overwrite."""
         path = Path(path)
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_KEY, json.dumps(self.parameters()))
-        info.add_text("parameters", _a1111_parameters(self))  # the line other SD tools read
         with open(path, "wb" if overwrite else "xb") as file:  # "x": never replace an existing image
-            self.image.save(file, format="PNG", pnginfo=info)
+            self.image.save(file, format="PNG", pnginfo=self.png_info())
         return path
 
 
@@ -195,26 +208,6 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     if text is None:
         raise ValueError(f"{path}: no {PNG_KEY!r} text chunk; only PNGs written by diffusion-core carry one")
     return json.loads(text)
-
-
-def _a1111_parameters(result: GeneratedImage) -> str:
-    """A1111's infotext; a LoRA appears as A1111 users write it, `<lora:name:scale>` in the prompt, and in
-    "Lora hashes" (name: the first 12 hex digits of its sha256); an embedding the prompts use in "TI hashes"."""
-    c = result.config
-    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in result.loras)
-    negative = f"\nNegative prompt: {c.negative_prompt}" if c.negative_prompt else ""
-    lora_hashes = ", ".join(f"{_a1111_name(lora['name'])}: {lora['sha256'][:12]}" for lora in result.loras)
-    ti_hashes = ", ".join(f"{_a1111_name(e['token'])}: {e['sha256'][:12]}" for e in result.embeddings)
-    return (f"{c.prompt}{tags}{negative}\nSteps: {c.num_inference_steps}, Sampler: {c.sampler}, CFG scale: "
-            f"{c.guidance_scale}, Seed: {c.seed}, Size: {c.width}x{c.height}, Model: {result.model}"
-            + (f", Clip skip: {c.clip_skip + 1}" if c.clip_skip else "")
-            + (f', TI hashes: "{ti_hashes}"' if ti_hashes else "")
-            + (f', Lora hashes: "{lora_hashes}"' if lora_hashes else ""))
-
-
-def _a1111_name(name: str) -> str:
-    """A1111 drops ":" and "," from a name in "Lora hashes", whose entries they separate."""
-    return name.replace(":", "").replace(",", "")
 
 
 def _sampler_name(sampler: str | SamplerType) -> str:

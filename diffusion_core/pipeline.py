@@ -38,7 +38,8 @@ from .models.vae import DiagonalGaussian
 from .noise import randn
 from .sampling import (Conditioning, ConditioningSchedule, InpaintingLatents, StepCallback, denoise,
                        timesteps_after_handover, timesteps_before_handover, timesteps_for_strength)
-from .schedulers import NoiseScheduler, make_scheduler, scheduler_class
+from .schedulers import (KARRAS_SAMPLERS, NoiseScheduler, make_scheduler, scheduler_class,
+                         supports_karras_sigmas)
 from .weighted_text import WeightedTextEncoder, merged_schedule, text_at
 
 if TYPE_CHECKING:
@@ -242,7 +243,8 @@ class DiffusionModel:
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(resolved):
             key = (c.width, c.height, c.num_inference_steps, c.guidance_scale, c.guidance_rescale, c.sampler,
-                   c.clip_skip, c.prompt_weighting, self._chunk_count(c))  # a context as long as its own
+                   c.use_karras_sigmas, c.clip_skip, c.prompt_weighting,
+                   self._chunk_count(c))  # a context as long as its own
             groups.setdefault(key, []).append(i)
         for indices in groups.values():  # every group fits, or nothing runs
             self._check_memory(resolved[indices[0]].width, resolved[indices[0]].height, len(indices))
@@ -498,6 +500,9 @@ class DiffusionModel:
             num_inference_steps=config.num_inference_steps or self.config.default_steps,
             guidance_scale=guidance if config.guidance_scale is None else config.guidance_scale,
             seed=secrets.randbits(63) if config.seed is None else config.seed, sampler=sampler)
+        if resolved.use_karras_sigmas is not None and not supports_karras_sigmas(sampler or self.config.scheduler_name):
+            raise ValueError(f"use_karras_sigmas applies to the samplers {KARRAS_SAMPLERS}; {sampler!r} has its own "
+                             f"σ schedule (set it to None)")
         f = self.vae_scale_factor
         if resolved.width % f or resolved.height % f:
             raise ValueError(f"width and height must be multiples of {f} (the VAE's downsampling factor), "
@@ -543,8 +548,12 @@ class DiffusionModel:
         name = self.config.scheduler_name
         return name if type(self.scheduler) is scheduler_class(name) else None
 
-    def _scheduler_for(self, sampler: str | None) -> NoiseScheduler:
-        return self.make_scheduler(None if sampler == self._default_sampler_name() else sampler)
+    def _scheduler_for(self, config: GenerationConfig) -> NoiseScheduler:
+        """The scheduler a resolved config samples with; use_karras_sigmas None keeps the checkpoint's σs."""
+        if config.use_karras_sigmas is None:
+            return self.make_scheduler(None if config.sampler == self._default_sampler_name() else config.sampler)
+        return scheduler_class(config.sampler).from_config({**self.config.scheduler,
+                                                            "use_karras_sigmas": config.use_karras_sigmas})
 
     def _check_memory(self, width: int, height: int, batch: int) -> None:
         """Refuse a size whose activations cannot fit in the device's free memory (a coarse lower bound)."""
@@ -587,7 +596,7 @@ class DiffusionModel:
         (control images take none)."""
         first = configs[0]
         batch, width, height = len(configs), first.width, first.height
-        scheduler = self._scheduler_for(first.sampler)
+        scheduler = self._scheduler_for(first)
         guided = is_guided(first.guidance_scale)
         clock = _StageClock(self.device)
 
@@ -624,12 +633,12 @@ class DiffusionModel:
         with clock("denoising"):
             latents = denoise(self._sampling_unet(), scheduler, latents, conditioning, timesteps, first.guidance_scale,
                               first.guidance_rescale, generators, inpainting, log, progress)
-        decoder, steps = self, len(timesteps)
-        if handover is not None:
+        decoder, steps = self, log.stopped_after or len(timesteps)
+        if handover is not None and log.stopped_after is None:
             decoder, switch_at = handover
             log.offset = steps
             latents, refined = decoder._refine(latents, configs, generators, switch_at, steps, clock, log, progress)
-            steps += refined
+            steps = log.stopped_after or steps + refined
         with clock("decoding"):
             pictures = tensor_to_pil(decoder.decode_latents(latents))
         wall = clock.total()
@@ -642,7 +651,7 @@ class DiffusionModel:
                                refiner_switch_at=handover[1] if handover else None,
                                loras=[report.record() for report in self.loras.reports],
                                embeddings=self._embeddings_used(c), controls=records,
-                               guess_mode=guess_mode)
+                               guess_mode=guess_mode, interrupted=log.stopped_after is not None)
                 for k, (picture, c) in enumerate(zip(pictures, configs))]
 
     def _refine(self, latents: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator],
@@ -653,7 +662,7 @@ class DiffusionModel:
         from the base's `steps_before` steps. Returns x_0 and the steps run."""
         first = configs[0]
         guided = is_guided(first.guidance_scale)
-        scheduler = self._scheduler_for(first.sampler)
+        scheduler = self._scheduler_for(first)
         with clock("text_encoding"):
             conditioning = self.conditioning(configs, guided).after(steps_before)
         scheduler.set_timesteps(first.num_inference_steps, device=self.device)
@@ -705,14 +714,16 @@ class _StepLog:
     def __init__(self, batch: int, callback: StepCallback | None, keep: bool):
         self.callback, self.keep, self.offset = callback, keep, 0
         self.steps: list[list[DenoisingStep]] = [[] for _ in range(batch)]
+        self.stopped_after: int | None = None  # the steps run when the callback stopped the loop
 
-    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor, pred_x0: torch.Tensor) -> bool:
         i += self.offset
         if self.keep:
             for k, steps in enumerate(self.steps):
                 steps.append(DenoisingStep(i, float(t), x[k].float().cpu(), pred_x0[k].float().cpu()))
-        if self.callback is not None:
-            self.callback(i, t, x, pred_x0)
+        if self.callback is not None and self.callback(i, t, x, pred_x0):
+            self.stopped_after = i + 1
+        return self.stopped_after is not None
 
 
 class _StageClock:

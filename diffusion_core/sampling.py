@@ -21,8 +21,9 @@ from .schedulers import NoiseScheduler
 if TYPE_CHECKING:
     from .control import Controls
 
-# callback(step_index, t, x, pred_x0): x is the sample after the step, pred_x0 the model's x̂0 at t
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# callback(step_index, t, x, pred_x0): x is the sample after the step, pred_x0 the model's x̂0 at t; returning
+# True stops the loop there (a server's interrupt)
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], bool | None]
 
 
 @dataclass
@@ -117,7 +118,9 @@ def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor,
         guidance_rescale: φ of Lin et al. 2023 §3.4; 0 is plain guidance.
         generator: the noise source of stochastic samplers (one per image, or one for the batch).
         inpainting: for a 4-channel UNet, the image re-noised to each step is pasted back outside the mask.
-        callback: called after each step with (step index, t, x after the step, x̂0 predicted at t).
+        callback: called after each step with (step index, t, x after the step, x̂0 predicted at t). When it
+            returns True the loop stops and returns that step's x̂0, the model's best guess of the finished
+            image (what A1111 shows of an interrupted image), rather than a sample still full of noise.
         progress: show a tqdm bar.
     """
     guided = is_guided(guidance_scale)
@@ -137,8 +140,8 @@ def denoise(unet: nn.Module, scheduler: NoiseScheduler, latents: torch.Tensor,
         latents = step.prev_sample
         if inpainting is not None:
             latents = _keep_outside_mask(latents, inpainting, scheduler, timesteps, i)
-        if callback is not None:
-            callback(i, t, latents, step.pred_original_sample)
+        if callback is not None and callback(i, t, latents, step.pred_original_sample):
+            return step.pred_original_sample
     return latents
 
 

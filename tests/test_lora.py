@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 import checkpoint_fixtures as fx
 import sdxl_fixtures as sx
+from diffusion_core.a1111 import version
 from diffusion_core import DiffusionModel, GenerationConfig
 from diffusion_core.adapters.lora import dora_delta, lora_delta
 from diffusion_core.adapters.lora_names import model_targets
@@ -472,7 +473,7 @@ def test_cli_lora_is_recorded_in_the_png_and_redone_from_it(sd1, tmp_path, capsy
     assert read_png_parameters(png)["loras"] == [{"name": "toy_style", "file": path.name, "sha256": sha256, "scale": 0.7}]
     infotext = Image.open(png).text["parameters"]
     assert infotext.startswith(f"{PROMPT} <lora:toy_style:0.7>\n")
-    assert infotext.endswith(f', Lora hashes: "toy_style: {sha256[:12]}"')
+    assert infotext.endswith(f', Lora hashes: "toy_style: {sha256[:12]}", Version: {version()}')  # A1111's order
 
     ours.load_lora(path, 0.7)
     direct = ours.generate(GenerationConfig.from_png(png), progress=False)

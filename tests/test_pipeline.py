@@ -8,6 +8,8 @@ scheduler_config.json for folders, SD's published config for single files.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 
@@ -125,6 +127,22 @@ def test_text_to_image_equals_diffusers(checkpoint, kind, layout, sampler, steps
                   guidance_scale=guidance, generator=seeded(7)).images[0]
     assert_same_pixels(ours.image, theirs)
     assert ours.steps_taken == pipe.num_timesteps
+
+
+@pytest.mark.parametrize("kind, sampler", [("sd1", "dpmpp_2m"), ("sd2_v", "euler"), ("sd1", "unipc")])
+def test_karras_sigmas_equal_diffusers(checkpoint, kind, sampler):
+    """use_karras_sigmas=True (A1111's "Karras" schedule) is diffusers' scheduler with use_karras_sigmas=True."""
+    ck = checkpoint(kind)
+    config = GenerationConfig(PROMPT, num_inference_steps=4, seed=5, sampler=sampler, use_karras_sigmas=True)
+    ours = ck.models["folder"].generate(config, progress=False)
+    pipe = diffusers_pipeline(StableDiffusionPipeline, ck, "folder", sampler)
+    pipe.scheduler = DIFFUSERS_CLASS[sampler].from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    theirs = pipe(PROMPT, num_inference_steps=4, generator=seeded(5)).images[0]
+    assert_same_pixels(ours.image, theirs)
+    plain = ck.models["folder"].generate(dataclasses.replace(config, use_karras_sigmas=None), progress=False)
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(ours.image))
+    with pytest.raises(ValueError, match="use_karras_sigmas applies to the samplers"):
+        ck.models["folder"].generate(dataclasses.replace(config, sampler="euler_a"), progress=False)
 
 
 def test_guidance_rescale_equals_diffusers(checkpoint):

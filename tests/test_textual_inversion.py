@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint_fixtures as fx
 import sdxl_fixtures as sx
+from diffusion_core.a1111 import version
 from diffusion_core import DiffusionModel, GenerationConfig
 from diffusion_core.models.text_encoder import TextEncoder
 from test_pipeline import assert_same_pixels, seeded
@@ -358,7 +359,7 @@ def test_png_records_the_embeddings_the_prompts_use_as_a1111s_ti_hashes(sd1, tmp
     assert result.embeddings == [{"token": "mystyle", "file": "mystyle.safetensors", "sha256": sha}]
     png = result.save(tmp_path / "out.png")
     assert read_png_parameters(png)["embeddings"] == result.embeddings
-    assert Image.open(png).text["parameters"].endswith(f', TI hashes: "mystyle: {sha[:12]}"')
+    assert Image.open(png).text["parameters"].endswith(f', TI hashes: "mystyle: {sha[:12]}", Version: {version()}')
 
 
 def test_embedding_on_the_command_line_and_from_needs_it_again(tmp_path):

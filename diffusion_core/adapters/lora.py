@@ -369,3 +369,10 @@ def file_sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+
+def path_sha256(path: Path) -> str:
+    """A file's sha256; a folder's: the sha256 of its files' names and sha256s, in name order."""
+    if path.is_file():
+        return file_sha256(path)
+    listing = "".join(f"{p.relative_to(path)}:{file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+    return hashlib.sha256(listing.encode()).hexdigest()

@@ -1,6 +1,7 @@
 """Noise schedulers, one algorithm per file, each numerically equal to its diffusers counterpart."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib
 from typing import Any
@@ -42,9 +43,17 @@ def scheduler_class(name: str | SamplerType) -> type[NoiseScheduler]:
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
+def supports_karras_sigmas(name: str | SamplerType) -> bool:
+    """Whether the sampler can replace its σs by Karras et al.'s (eq. 5): a `use_karras_sigmas` config key."""
+    return "use_karras_sigmas" in {f.name for f in dataclasses.fields(scheduler_class(name).Config)}
+
+
 def make_scheduler(name: str | SamplerType, **config: Any) -> NoiseScheduler:
     """make_scheduler("ddim", **diffusers_style_config): keys the algorithm lacks are ignored, like from_config."""
     return scheduler_class(name).from_config(config)
 
 
-__all__ = ["NoiseScheduler", "SchedulerConfig", "StepOutput", "SamplerType", "make_scheduler", "scheduler_class"]
+KARRAS_SAMPLERS = [s.value for s in SamplerType if supports_karras_sigmas(s)]
+
+__all__ = ["NoiseScheduler", "SchedulerConfig", "StepOutput", "SamplerType", "make_scheduler", "scheduler_class",
+           "supports_karras_sigmas", "KARRAS_SAMPLERS"]
