@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import sys
 from dataclasses import dataclass
@@ -13,11 +12,13 @@ import torch
 from PIL import Image
 
 from . import preprocess
-from .adapters.lora import file_sha256
+from .adapters.lora import file_sha256, path_sha256
 from .control import ControlInput
 from .generation import GeneratedImage, GenerationConfig, read_png_parameters
 from .pipeline import QUALITY_PRESETS, DiffusionModel
 from .schedulers import SamplerType
+from .serve.batch import add_batch_parser, run_batch
+from .serve.command import add_serve_parser, run_serve
 
 EXAMPLES = """\
 examples:
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inpaint":
             command.add_argument("--mask", type=Path, required=True, help="white = repaint, black = keep")
     _add_compare(commands)
+    add_serve_parser(commands)
+    add_batch_parser(commands)
     for name, help_text in TOY_COMMANDS.items():  # their own flags: `diffusion-core train --help`
         command = commands.add_parser(name, help=help_text, add_help=False)
         command.add_argument("toy_args", nargs=argparse.REMAINDER)
@@ -254,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if args.command in ("serve", "batch"):
+            return run_serve(args) if args.command == "serve" else run_batch(args)
         return _compare(args) if args.command == "compare" else _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         parser.exit(2, f"diffusion-core {args.command}: error: {e}\n")
 
 
@@ -371,14 +376,6 @@ def control_argument(value: str) -> ControlArgument:
     return ControlArgument(Path(file), Path(image), preprocess, numbers[0] if numbers else None, **window)
 
 
-def _sha256(path: Path) -> str:
-    """A file's sha256; a folder's: the sha256 of its files' names and sha256s, in name order."""
-    if path.is_file():
-        return file_sha256(path)
-    listing = "".join(f"{p.relative_to(path)}:{file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -403,7 +400,7 @@ def _load_controls(model: DiffusionModel, args: argparse.Namespace, images: dict
         image = _preprocessed(Image.open(spec.image), spec.preprocess, images.get("mask"))
         control_model = load_control_model(spec.file, model.device, model.dtype)
         controls.append(ControlInput(control_model, image, spec.scale, spec.start, spec.end))
-        sources.append({"file": spec.file.name, "sha256": _sha256(spec.file), "image": spec.image.name,
+        sources.append({"file": spec.file.name, "sha256": path_sha256(spec.file), "image": spec.image.name,
                         "image_sha256": file_sha256(spec.image), "preprocess": spec.preprocess})
     if args.from_png:
         _check_redone(read_png_parameters(args.from_png).get("controls", []), controls, sources, args.from_png)
