@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffusion_core import DiffusionModel
 from diffusion_core.serve.a1111_masks import prepare_inpainting
-from test_serve import PROMPT, assert_same_image, config, make_models_dir
+from test_serve import PROMPT, assert_same_image, config, make_models_dir, shapes  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUEUE_SIZE = 3
@@ -73,11 +73,6 @@ def _answers(port: int) -> bool:
 @pytest.fixture(scope="module")
 def api(server):
     return webuiapi.WebUIApi(host="127.0.0.1", port=server, sampler="Euler a", steps=8)
-
-
-@pytest.fixture(scope="module")
-def shapes(folders):
-    return DiffusionModel.from_pretrained(folders["models"] / "shapes.safetensors")
 
 
 SMALL = {"prompt": PROMPT, "width": 64, "height": 64, "cfg_scale": 2.0}
@@ -146,7 +141,9 @@ def in_thread(call):
     return result
 
 
-def test_interrupt_returns_the_partial_image(api, shapes):
+def check_interrupt(api, shapes) -> None:
+    """Interrupt a 150-step request once it runs: it answers with the image of the step it stopped at, equal
+    to the direct call stopped after the same step."""
     result = in_thread(lambda: api.txt2img(**SMALL, seed=9, steps=150))
     wait_until_running(api)
     api.interrupt()
@@ -155,8 +152,12 @@ def test_interrupt_returns_the_partial_image(api, shapes):
     steps = recorded["steps_taken"]
     assert recorded["interrupted"] and result.info["interrupted"] and 3 <= steps < 150
     stopped = shapes.generate(config(seed=9, sampler="euler_a", num_inference_steps=150), progress=False,
-                              callback=lambda i, *_: i + 1 >= steps)  # stop after the same step
+                              callback=lambda i, *_: i + 1 >= steps)
     assert_same_image(result.image, stopped.image)
+
+
+def test_interrupt_returns_the_partial_image(api, shapes):
+    check_interrupt(api, shapes)
     ready = in_thread(lambda: api.util_wait_for_ready(check_interval=0.1))
     ready(timeout=30)
     assert api.get_progress()["state"]["job_count"] == 0

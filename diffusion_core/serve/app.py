@@ -1,7 +1,8 @@
-"""The HTTP app: AUTOMATIC1111's /sdapi/v1 routes over one worker, with auth, limits, caches and metrics.
+"""The HTTP app: AUTOMATIC1111's /sdapi/v1 routes over an executor, with auth, limits, caches and metrics.
 
-Handlers only translate (jobs.py) and wait; the worker thread (worker.py) does every model call, so a slow
-generation never blocks /progress or /interrupt, and the model is never used by two requests at once.
+Handlers only translate (jobs.py) and wait; the executor (executors.py: the worker thread, or Ray Serve
+replicas) does every model call, so a slow generation never blocks /progress or /interrupt, and a model is
+never used by two requests at once.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import a1111
 from ..schedulers import supports_karras_sigmas
-from .jobs import build_job, png_info, response, run_job
+from .executors import LocalExecutor
+from .jobs import build_job, png_info, response
 from .models import ModelStore, UnknownName
 from .schemas import Img2Img, Options, PngInfo, Txt2Img
 from .security import BodyLimit, Limits, RequestError, credentials_match, decode_image
-from .worker import QueueFull, Task, Worker
+from .worker import QueueFull, Task
 
 log = logging.getLogger("diffusion_core.serve")
 
@@ -76,21 +78,22 @@ class ResultCache:
             self.answers.popitem(last=False)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, executor=None) -> FastAPI:
+    """The app over `executor` (default: a LocalExecutor of the settings' store and queue size)."""
     store, limits, metrics = settings.store, settings.limits, Metrics()
-    worker = Worker(settings.queue_size, on_change=lambda: metrics.queue_depth.set(worker.depth()))
+    executor = executor or LocalExecutor(store, settings.queue_size)
+    executor.on_change = lambda: metrics.queue_depth.set(executor.depth())
     results = ResultCache(settings.result_cache_size)
     options = {"sd_model_checkpoint": _first_checkpoint(store), "CLIP_stop_at_last_layers": 1}
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await run_in_threadpool(worker.stop)
+        await run_in_threadpool(executor.close)
 
     app = FastAPI(title="diffusion-core", summary="AUTOMATIC1111's /sdapi/v1 API on diffusion_core",
                   dependencies=[Depends(_authenticate(settings.credentials))], docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.state.worker = worker
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -133,15 +136,13 @@ def create_app(settings: Settings) -> FastAPI:
         if key is not None and (cached := results.get(key)) is not None:
             metrics.cache_hits.labels("result").inc()
             return cached
-        task = Task(lambda task: run_job(job, store, task), name=name, id=request.force_task_id or "",
-                    job_count=job.n_iter)
+        task = Task(name=name, id=request.force_task_id or "", job_count=job.n_iter)
         try:
-            future = worker.submit(task)
+            made = await _until_done(executor.generate(job, task), task, http, executor)
         except QueueFull:
-            retry = worker.retry_after()
+            retry = executor.retry_after()
             return _error(429, "QueueFull", f"the queue is full ({settings.queue_size} requests waiting); retry "
                           f"in about {retry} s", headers={"Retry-After": str(retry)})
-        made = await _wait(future, task, http)
         metrics.generation.observe(time.time() - (task.started or started))
         answer = response(request, job, made, started)
         if key is not None and not any(r.interrupted for r in made) and len(made) == len(job.configs):
@@ -160,18 +161,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
-        return _progress(worker.current)
+        running = executor.running()
+        return _progress(running[0] if running else None)
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt():
-        if worker.current is not None:
-            worker.current.interrupted.set()
+        for task in executor.running():
+            executor.interrupt(task)
         return {}
 
     @app.post("/sdapi/v1/skip")
     async def skip():
-        if worker.current is not None:
-            worker.current.skipped.set()
+        for task in executor.running():
+            executor.skip(task)
         return {}
 
     @app.get("/sdapi/v1/samplers")
@@ -203,8 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        current = store.find(options["sd_model_checkpoint"])
-        return store.embedding_reports.get(current.sha256, {"loaded": {}, "skipped": {}})
+        return await executor.embeddings(store.find(options["sd_model_checkpoint"]))
 
     @app.get("/sdapi/v1/options")
     async def get_options():
@@ -220,14 +221,13 @@ def create_app(settings: Settings) -> FastAPI:
                                status=400) from None
         if "CLIP_stop_at_last_layers" in changes and not 1 <= changes["CLIP_stop_at_last_layers"] <= 12:
             raise RequestError("CLIP_stop_at_last_layers must lie in 1..12 (A1111's Clip skip)")
-        if "sd_model_checkpoint" in changes:  # loaded now, on the worker, so a broken file answers here
+        if "sd_model_checkpoint" in changes:  # loaded now, by the executor, so a broken file answers here
             checkpoint = await run_in_threadpool(store.find, changes["sd_model_checkpoint"])
-            task = Task(lambda task: store.load(checkpoint), name="load model")
             try:
-                await asyncio.wrap_future(worker.submit(task))
+                await executor.load(checkpoint)
             except QueueFull:
                 return _error(429, "QueueFull", "the queue is full; retry later",
-                              headers={"Retry-After": str(worker.retry_after())})
+                              headers={"Retry-After": str(executor.retry_after())})
             changes["sd_model_checkpoint"] = checkpoint.title
         options.update(changes)
         return {}
@@ -248,17 +248,16 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _wait(future, task: Task, http: Request) -> list:
-    """The task's result; when the client goes away first, the task is cancelled or interrupted at its next step."""
-    waiting = asyncio.wrap_future(future)
+async def _until_done(work, task: Task, http: Request, executor) -> list:
+    """The work's result; when the client goes away first, its task is interrupted: dropped if it still waits,
+    stopped at its next step if it runs."""
+    waiting = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=0.5)
         if done:
             return waiting.result()
-        if await http.is_disconnected():
-            future.cancel()  # still queued: never run
-            task.interrupted.set()  # running: stop at the next step
-            return await waiting if not future.cancelled() else []
+        if not task.interrupted.is_set() and await http.is_disconnected():
+            executor.interrupt(task)
 
 
 def _progress(task: Task | None) -> dict[str, Any]:

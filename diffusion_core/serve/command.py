@@ -56,6 +56,12 @@ def add_serve_parser(commands) -> None:
                          "are answered 429 with Retry-After (default: 8)")
     service.add_argument("--result-cache", type=int, default=64, help="answers kept for fixed-seed requests "
                          "(default: 64; 0 turns it off)")
+    scale = command.add_argument_group("Ray Serve (needs the [ray] extra; RAY_ADDRESS joins a cluster)")
+    scale.add_argument("--ray", action="store_true", help="run on Ray Serve: an ingress and --replicas "
+                       "generator replicas, Serve's model multiplexing as the model cache")
+    scale.add_argument("--replicas", type=int, default=1, help="generator replicas (default: 1), each one GPU "
+                       "when there are GPUs, else --cpus-per-replica CPUs")
+    scale.add_argument("--cpus-per-replica", type=int, default=1, help="default: 1")
     limits = command.add_argument_group("limits (each refusal is a 4xx naming the field)")
     defaults = Limits()
     limits.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20,
@@ -86,17 +92,53 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--result-cache must be >= 0 and --max-body-mb positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    store = ModelStore(args.checkpoint, args.models_dir, args.model_cache, device, dtype, args.lora_dir,
-                       args.embeddings_dir)
+    store_kwargs = dict(checkpoint=args.checkpoint, models_dir=args.models_dir, cache_size=args.model_cache,
+                        device=device, dtype=dtype, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+    store = ModelStore(**store_kwargs)  # checks the folders now, before anything starts
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_steps=args.max_steps, max_images=args.max_images)
-    app = create_app(Settings(store, limits, credentials, args.queue_size, args.result_cache))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(json_log_formatter())
     logger = logging.getLogger("diffusion_core.serve")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    print(f"diffusion-core: serving http://{args.host}:{args.port}/sdapi/v1 on {device} "
+    where = f"{args.replicas} Ray Serve replica(s)" if args.ray else device
+    print(f"diffusion-core: serving http://{args.host}:{args.port}/sdapi/v1 on {where} "
           f"({'HTTP Basic auth' if credentials else 'no auth: loopback only'})", file=sys.stderr, flush=True)
+    if args.ray:
+        return _serve_on_ray(args, store_kwargs, limits, credentials)
+    app = create_app(Settings(store, limits, credentials, args.queue_size, args.result_cache))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, store_kwargs: dict, limits: Limits,
+                  credentials: list[tuple[str, str]] | None) -> int:
+    """serve.run the ingress and generators, and keep them up until Ctrl-C (or SIGTERM)."""
+    import signal
+    import time
+
+    try:
+        import ray
+        from ray import serve
+
+        from .ray_serve import build_ray_app
+    except ImportError as error:
+        raise ImportError(f"--ray needs the [ray] extra: pip install 'diffusion-core[ray]' ({error})") from None
+    if args.replicas < 1 or args.cpus_per_replica < 1:
+        raise ValueError("--replicas and --cpus-per-replica must be at least 1")
+    ray.init(include_dashboard=False) if "RAY_ADDRESS" not in os.environ else ray.init()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below runs
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        gpus = 1 if store_kwargs["device"].startswith("cuda") else 0
+        serve.run(build_ray_app(store_kwargs, limits, credentials, args.queue_size, args.result_cache,
+                                args.replicas, args.model_cache, args.cpus_per_replica, gpus),
+                  name="diffusion-core", route_prefix="/")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

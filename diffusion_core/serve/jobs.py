@@ -22,6 +22,7 @@ from PIL import Image
 
 from .. import a1111
 from ..generation import GeneratedImage, GenerationConfig
+from ..pipeline import DiffusionModel
 from .models import Checkpoint, ModelStore
 from .schemas import Img2Img, Txt2Img, unsupported
 from .security import Limits, RequestError, decode_image
@@ -166,9 +167,9 @@ def _add_images(job: Job, request: Img2Img, limits: Limits) -> None:
                           "Masked content": ["fill", "original"][request.inpainting_fill]}
 
 
-def run_job(job: Job, store: ModelStore, task: Task) -> list[GeneratedImage]:
-    """Make a job's images on the worker thread: batch by batch, stopping at the task's interrupt or skip."""
-    model = store.load(job.checkpoint)
+def run_job(job: Job, model: DiffusionModel, task: Task) -> list[GeneratedImage]:
+    """Make a job's images with the model of its checkpoint: batch by batch, stopping at the task's interrupt or
+    skip. Runs where the model is: the worker thread, or a Ray replica."""
     merged = [model.load_lora(path, weight, name=name).name for name, path, weight in job.loras]
     try:
         results: list[GeneratedImage] = []

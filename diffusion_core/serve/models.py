@@ -123,6 +123,16 @@ class ModelStore:
         if checkpoint.sha256 in self.loaded:
             self.loaded.move_to_end(checkpoint.sha256)
             return self.loaded[checkpoint.sha256]
+        model = self.open(checkpoint)
+        while len(self.loaded) >= self.cache_size:
+            evicted, _ = self.loaded.popitem(last=False)
+            self.embedding_reports.pop(evicted, None)
+        self.loaded[checkpoint.sha256] = model
+        return model
+
+    def open(self, checkpoint: Checkpoint) -> DiffusionModel:
+        """A checkpoint loaded afresh, with the embeddings of --embeddings-dir that fit it (no caching: Ray
+        Serve's model multiplexing caches these)."""
         try:
             if checkpoint.path is None:
                 model = DiffusionModel(device=self.device, dtype=self.dtype)
@@ -132,11 +142,10 @@ class ModelStore:
             raise ModelLoadError(f"sd_model_checkpoint: {checkpoint.title} could not be loaded: "
                                  f"{type(error).__name__}: {error}") from error
         self.embedding_reports[checkpoint.sha256] = self._load_embeddings(model)
-        while len(self.loaded) >= self.cache_size:
-            evicted, _ = self.loaded.popitem(last=False)
-            self.embedding_reports.pop(evicted, None)
-        self.loaded[checkpoint.sha256] = model
         return model
+
+    def by_sha256(self, sha256: str) -> Checkpoint:
+        return next(c for c in self.checkpoints() if c.sha256 == sha256)
 
     def _load_embeddings(self, model: DiffusionModel) -> dict[str, dict]:
         """Every embedding of --embeddings-dir that fits the model (A1111's /embeddings "loaded" and "skipped")."""

@@ -25,7 +25,7 @@ class QueueFull(Exception):
 class Task:
     """A unit of work for the worker, with what /progress reports of it (A1111's shared.state fields)."""
 
-    run: Callable[[Task], Any]          # called on the worker thread with the task itself
+    run: Callable[[Task], Any] | None = None  # the local worker calls it with the task itself
     name: str = "txt2img"               # A1111's `job`
     id: str = ""                        # A1111's task id (force_task_id, or a counter)
     job_count: int = 1                  # images batches to make (A1111's n_iter)
@@ -94,11 +94,13 @@ class Worker:
 
     def _loop(self) -> None:
         while (task := self.queue.get()) is not None:
+            if task.interrupted.is_set():  # its client went away while it waited
+                task.future.set_result([])
+                self.on_change()
+                continue
             self.current = task
             self.on_change()
-            if not task.future.set_running_or_notify_cancel():  # its client went away while it waited
-                self.current = None
-                continue
+            task.future.set_running_or_notify_cancel()
             task.started = time.time()
             try:
                 task.future.set_result(task.run(task))
