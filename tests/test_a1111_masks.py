@@ -13,6 +13,7 @@ from diffusion_core.serve.a1111_masks import (
     fill,
     gaussian_kernel,
     gaussian_kernel_q8,
+    paste_original,
     prepare_inpainting,
     quantize_q8,
 )
@@ -60,22 +61,39 @@ def a1111_create_binary_mask(image):
     return image
 
 
-def a1111_prepare(image, mask, mask_blur_x, mask_blur_y, inpainting_fill, inpainting_mask_invert):
+def a1111_prepare(image, mask, mask_blur_x, mask_blur_y, inpainting_fill, inpainting_mask_invert, size=None):
     """StableDiffusionProcessingImg2Img.init's path from the request's image and mask to the image the VAE
-    encodes and latent_mask ("Whole picture", image and mask already at width × height)."""
+    encodes, latent_mask and the overlay's source ("Whole picture", resize mode 0 to `size`); and
+    mask_for_overlay."""
+    width, height = size or image.size
     image_mask = a1111_create_binary_mask(mask)
     if inpainting_mask_invert:
         image_mask = ImageOps.invert(image_mask)
     image_mask = Image.fromarray(a1111_blur(np.array(image_mask), mask_blur_x, mask_blur_y))
+    image_mask = image_mask.resize((width, height), resample=Image.LANCZOS)  # images.resize_image(0, ...)
+    np_mask = np.array(image_mask)
+    np_mask = np.clip((np_mask.astype(np.float32)) * 2, 0, 255).astype(np.uint8)
+    mask_for_overlay = Image.fromarray(np_mask)
     latent_mask = image_mask
     if image.mode == "RGBA":  # images.flatten(img, opts.img2img_background_color="#ffffff")
         background = Image.new('RGBA', image.size, "#ffffff")
         background.paste(image, mask=image)
         image = background
-    image = image.convert('RGB')
+    image = image.convert('RGB').resize((width, height), resample=Image.LANCZOS)
+    image_masked = Image.new('RGBa', (image.width, image.height))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask_for_overlay.convert('L')))
+    overlay = image_masked.convert('RGBA')
+    original = image
     if inpainting_fill != 1:
         image = a1111_fill(image, latent_mask)
-    return image, latent_mask
+    return (image, latent_mask, original), overlay
+
+
+def a1111_apply_overlay(image, overlay):
+    """modules/processing.py apply_overlay (paste_loc None: "Whole picture")."""
+    image = image.convert('RGBA')
+    image.alpha_composite(overlay)
+    return image.convert('RGB')
 
 
 # ---- test inputs -----------------------------------------------------------------------------------------
@@ -211,7 +229,7 @@ def test_fill_keeps_unmasked_and_ignores_masked():
 @pytest.mark.parametrize("blur", [(4, 4), (0, 0), (8, 2), (0, 16)])
 def test_prepare_inpainting_equals_a1111(inpainting_fill, invert, blur):
     image, mask = photo(80, 56, seed=7), brush_mask(80, 56, seed=8)
-    expected = a1111_prepare(image, mask, *blur, inpainting_fill, invert)
+    expected, _ = a1111_prepare(image, mask, *blur, inpainting_fill, invert)
     actual = prepare_inpainting(image, mask, *blur, inpainting_fill, invert)
     for a, e in zip(actual, expected):
         assert a.mode == e.mode and a.size == e.size
@@ -221,16 +239,16 @@ def test_prepare_inpainting_equals_a1111(inpainting_fill, invert, blur):
 def test_prepare_inpainting_defaults_are_a1111s():
     """A request that leaves mask_blur, inpainting_fill and inpainting_mask_invert out: blur 4, fill, no invert."""
     image, mask = photo(64, 48, seed=9), brush_mask(64, 48, seed=10)
-    for a, e in zip(prepare_inpainting(image, mask), a1111_prepare(image, mask, 4, 4, 0, 0)):
+    for a, e in zip(prepare_inpainting(image, mask), a1111_prepare(image, mask, 4, 4, 0, 0)[0]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
 def test_invert_swaps_what_is_inpainted():
     image, mask = photo(40, 40, seed=11), brush_mask(40, 40, seed=12)
-    _, inverted = prepare_inpainting(image, mask, 0, 0, 1, invert=1)
+    _, inverted, _ = prepare_inpainting(image, mask, 0, 0, 1, invert=1)
     np.testing.assert_array_equal(np.asarray(inverted), 255 - np.asarray(mask))
     # Inverting, then blurring, is A1111's order: the blur of the inverted mask, which is 255 - the blur.
-    _, blurred = prepare_inpainting(image, mask, 4, 4, 1, invert=1)
+    _, blurred, _ = prepare_inpainting(image, mask, 4, 4, 1, invert=1)
     np.testing.assert_array_equal(np.asarray(blurred),
                                   a1111_blur(255 - np.asarray(mask), 4, 4))
 
@@ -241,7 +259,7 @@ def test_transparent_inputs_equal_a1111():
     rgba_mask = Image.fromarray(rng.integers(0, 256, (32, 48, 4), dtype=np.uint8), "RGBA")
     rgba_image = Image.fromarray(rng.integers(0, 256, (32, 48, 4), dtype=np.uint8), "RGBA")
     for a, e in zip(prepare_inpainting(rgba_image, rgba_mask, 4, 4, 0, 0),
-                    a1111_prepare(rgba_image, rgba_mask, 4, 4, 0, 0)):
+                    a1111_prepare(rgba_image, rgba_mask, 4, 4, 0, 0)[0]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
@@ -279,6 +297,22 @@ def test_blur_mask_rejects_negative_blur():
         blur_mask(Image.new("L", (4, 4)), 1, -1)
 
 
-def test_mismatched_sizes_are_rejected():
-    with pytest.raises(ValueError, match="mask size"):
-        prepare_inpainting(photo(8, 8, seed=0), Image.new("L", (8, 9)))
+@pytest.mark.parametrize("image_size, mask_size, size", [((80, 56), (80, 56), (64, 64)), ((40, 30), (60, 45), (48, 32)),
+                                                      ((64, 64), (64, 64), None)])
+def test_resizing_to_the_output_size_equals_a1111(image_size, mask_size, size):
+    """The mask is blurred at its own size, then image and mask resized to the output's (resize mode 0)."""
+    image, mask = photo(*image_size, seed=14), brush_mask(*mask_size, seed=15)
+    expected, _ = a1111_prepare(image, mask, 4, 4, 0, 0, size)
+    for a, e in zip(prepare_inpainting(image, mask, 4, 4, 0, 0, size), expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.mark.parametrize("blur", [0, 4, 16])
+def test_paste_original_equals_a1111s_overlay(blur):
+    image, mask = photo(64, 48, seed=16), brush_mask(64, 48, seed=17)
+    generated = photo(64, 48, seed=18)  # stands in for the decoded image
+    prepared, overlay = a1111_prepare(image, mask, blur, blur, 0, 0)
+    ours = paste_original(generated, prepare_inpainting(image, mask, blur, blur, 0, 0).original, prepared[1])
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(a1111_apply_overlay(generated, overlay)))
+    outside = np.asarray(prepared[1]) == 0
+    np.testing.assert_array_equal(np.asarray(ours)[outside], np.asarray(image)[outside])

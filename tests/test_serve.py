@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from diffusion_core import DiffusionModel, GenerationConfig
 from diffusion_core.a1111 import infotext, parse_infotext, parse_sampler
 from diffusion_core.cli import main
-from diffusion_core.serve.a1111_masks import prepare_inpainting
+from diffusion_core.serve.a1111_masks import paste_original, prepare_inpainting
 from diffusion_core.serve.app import Settings, create_app
 from diffusion_core.serve.models import ModelStore
 from diffusion_core.serve.security import Limits, check_bind, credentials_match, parse_credentials
@@ -194,9 +194,10 @@ def test_inpainting_equals_inpaint_of_a1111s_mask(client, shapes, init_image, fi
     answer = post(client, "img2img", {**SMALL, "init_images": [encoded(init_image)], "mask": encoded(mask),
                                       "denoising_strength": 0.9, "mask_blur": blur, "inpainting_fill": fill,
                                       "inpainting_mask_invert": invert, "inpaint_full_res": False})
-    image, prepared_mask = prepare_inpainting(init_image, mask, blur, blur, fill, invert)
-    direct = shapes.inpaint(config(), image, prepared_mask, 0.9, progress=False)
-    assert_same_image(decoded(answer["images"][0]), direct.image)
+    prepared = prepare_inpainting(init_image, mask, blur, blur, fill, invert)
+    direct = shapes.inpaint(config(), prepared.image, prepared.mask, 0.9, progress=False)
+    expected = paste_original(direct.image, prepared.original, prepared.mask)  # A1111's overlay
+    assert_same_image(decoded(answer["images"][0]), expected)
     assert f"Mask blur: {blur}, Masked content: {['fill', 'original'][fill]}" in json.loads(answer["info"])["infotexts"][0]
 
 
@@ -269,10 +270,13 @@ def test_the_result_cache_answers_fixed_seeds_only(client):
 
     body = {**SMALL, "seed": 4242}
     first, before = post(client, "txt2img", body), hits()
-    assert post(client, "txt2img", body) == first and hits() == before + 1
+    again = post(client, "txt2img", body)
+    assert again["images"] == first["images"] and hits() == before + 1
+    assert post(client, "txt2img", {**body, "send_images": False})["images"] == []  # the answer is this request's
+    assert hits() == before + 2
     post(client, "txt2img", {**body, "seed": -1})
     post(client, "txt2img", {**body, "seed": -1})
-    assert hits() == before + 1
+    assert hits() == before + 2  # a drawn seed is never answered from the cache
 
 
 def test_metrics_count_requests_by_route(client):
@@ -309,7 +313,9 @@ BAD = [
     ("txt2img", {**SMALL, "save_images": True}, 400, "save_images=True (saving on the server's disk"),
     ("txt2img", {**SMALL, "styles": ["cinematic"]}, 400, "prompt styles"),
     ("txt2img", {**SMALL, "no_such_field": 1}, 422, "no_such_field: Extra inputs are not permitted"),
-    ("txt2img", {**SMALL, "override_settings": {"sd_vae": "x"}}, 400, "override_settings: only"),
+    ("txt2img", {**SMALL, "override_settings": {"sd_vae": "x"}}, 400,
+     "override_settings: ['sd_vae'] are not settings of this server; it has ['sd_model_checkpoint', 'CLIP_stop_"),
+    ("options", {"CLIP_stop_at_last_layers": "two"}, 422, "options: CLIP_stop_at_last_layers: Input should be a valid"),
     ("txt2img", {**SMALL, "prompt": "a <lora:nothere:1> circle"}, 400, "no LoRA 'nothere' in the server's LoRA folder; it has ['star']"),
     ("txt2img", {**SMALL, "prompt": "a <hypernet:x:1> circle"}, 400, "<lora:name:weight> only"),
     ("txt2img", {**SMALL, "prompt": "a <lora:star:lots> circle"}, 422, "the weight must be a number"),
@@ -327,6 +333,8 @@ BAD = [
                  "inpaint_full_res": False, "inpainting_fill": 2}, 400, "inpainting_fill 2 (latent noise) is not"),
     ("png-info", {"image": "?"}, 422, "image: not valid base64"),
     ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers must lie in 1..12"),
+    ("txt2img", {**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 0}}, 422,
+     "override_settings: CLIP_stop_at_last_layers must lie in 1..12"),
 ]
 
 

@@ -20,7 +20,7 @@ import webuiapi
 from PIL import Image
 
 from diffusion_core import DiffusionModel
-from diffusion_core.serve.a1111_masks import prepare_inpainting
+from diffusion_core.serve.a1111_masks import paste_original, prepare_inpainting
 from test_serve import PROMPT, assert_same_image, config, make_models_dir, shapes  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,9 +96,9 @@ def test_img2img_and_inpainting(api, shapes):
     mask.paste(255, (8, 8, 40, 56))
     result = api.img2img(images=[init], mask_image=mask, inpaint_full_res=False, **SMALL, seed=7,
                          denoising_strength=0.9)  # webuiapi's mask_blur 4 and inpainting_fill 0 ("fill")
-    image, blurred = prepare_inpainting(init, mask, 4, 4, 0, 0)
-    direct = shapes.inpaint(config(seed=7, sampler="euler_a"), image, blurred, 0.9, progress=False)
-    assert_same_image(result.image, direct.image)
+    prepared = prepare_inpainting(init, mask, 4, 4, 0, 0)
+    direct = shapes.inpaint(config(seed=7, sampler="euler_a"), prepared.image, prepared.mask, 0.9, progress=False)
+    assert_same_image(result.image, paste_original(direct.image, prepared.original, prepared.mask))
 
 
 def test_samplers_models_and_setting_the_model(api, shapes, folders):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 from numbers import Integral
+from typing import NamedTuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 # A1111's `inpainting_fill` ("Masked content") values; 2 "latent noise" and 3 "latent nothing" act on
@@ -79,19 +82,17 @@ def _reflect_101(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(index < n, index, period - index)
 
 
-def _blur_matrix(n: int, blur: int) -> np.ndarray:
-    """A1111's 1-D blur of length n as a matrix of Q8 taps: row i holds the kernel centred on i.
+def _blur_rows(a: np.ndarray, blur: int) -> np.ndarray:
+    """Each row of an 8-bit array convolved with A1111's Q8 taps, folded at its ends (BORDER_REFLECT_101).
 
-    Taps that fall off the ends are folded back in (BORDER_REFLECT_101), so W[i, j] sums every tap
-    that lands on pixel j; float32 holds these and the products below exactly (all integers < 2²⁴).
+    A convolution, not a matrix: memory stays that of the image whatever its width. float32 holds the taps,
+    the pixels and every partial sum exactly (all integers < 2²⁴), so the order of the sum cannot matter.
     """
     taps = gaussian_kernel_q8(a1111_kernel_size(blur), blur)
-    r = len(taps) // 2
-    rows = np.repeat(np.arange(n), len(taps))
-    cols = _reflect_101(np.arange(n)[:, None] + np.arange(-r, r + 1), n).ravel()
-    w = np.zeros((n, n), dtype=np.float32)
-    np.add.at(w, (rows, cols), np.tile(taps, n).astype(np.float32))
-    return w
+    r, n = len(taps) // 2, a.shape[1]
+    padded = torch.from_numpy(a[:, _reflect_101(np.arange(-r, n + r), n)].astype(np.float32))
+    acc = F.conv1d(padded[:, None], torch.from_numpy(taps.astype(np.float32))[None, None])[:, 0]
+    return _to_uint8(acc.numpy())
 
 
 def _to_uint8(acc: np.ndarray) -> np.ndarray:
@@ -119,9 +120,9 @@ def blur_mask(mask: Image.Image, blur_x: int, blur_y: int) -> Image.Image:
     a = np.array(mask.convert("L"))
     # Two separate cv2 calls in A1111, so the horizontal result is rounded to uint8 before the vertical.
     if blur_x > 0:
-        a = _to_uint8(a.astype(np.float32) @ _blur_matrix(a.shape[1], int(blur_x)).T)
+        a = _blur_rows(a, int(blur_x))
     if blur_y > 0:
-        a = _to_uint8(_blur_matrix(a.shape[0], int(blur_y)) @ a.astype(np.float32))
+        a = np.ascontiguousarray(_blur_rows(a.T, int(blur_y)).T)
     return Image.fromarray(a)
 
 
@@ -146,18 +147,20 @@ def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
     return result.convert("RGB")
 
 
-def prepare_inpainting(
-    image: Image.Image,
-    mask: Image.Image,
-    mask_blur_x: int = 4,
-    mask_blur_y: int = 4,
-    inpainting_fill: int = 0,
-    invert: int = 0,
-) -> tuple[Image.Image, Image.Image]:
+class InpaintingInputs(NamedTuple):
+    image: Image.Image     # what the VAE encodes: the init image at the output size, filled under the mask
+    mask: Image.Image      # A1111's latent_mask: the blurred "L" mask at the output size
+    original: Image.Image  # the init image at the output size, unfilled: pasted back by paste_original
+
+
+def prepare_inpainting(image: Image.Image, mask: Image.Image, mask_blur_x: int = 4, mask_blur_y: int = 4,
+                       inpainting_fill: int = 0, invert: int = 0,
+                       size: tuple[int, int] | None = None) -> InpaintingInputs:
     """The init image and mask as A1111's img2img hands them on to the VAE and the latent mask.
 
-    processing.py StableDiffusionProcessingImg2Img.init ("Whole picture", image and mask already at
-    the processing size): binarise the mask, invert it, blur it, fill the image under the blurred mask.
+    processing.py StableDiffusionProcessingImg2Img.init, "Whole picture" and resize mode 0: binarise the mask,
+    invert it, blur it at its own size; resize mask and image to `size` (width, height; default: the image's)
+    with Lanczos; fill the image under the blurred mask.
 
     Args:
         image: the init image; transparency is flattened onto white (A1111's default background).
@@ -166,9 +169,7 @@ def prepare_inpainting(
         mask_blur_y: vertical blur σ, an integer >= 0 (A1111 `mask_blur_y`, or `mask_blur`).
         inpainting_fill: 0 "fill" (image filled under the mask) or 1 "original" (image unchanged).
         invert: 1 inpaints what the mask leaves black (A1111 `inpainting_mask_invert`), else 0.
-
-    Returns:
-        (image, mask): the RGB image for the VAE, and the blurred "L" mask (A1111's latent_mask).
+        size: the output's (width, height).
     """
     _check_blur("mask_blur_x", mask_blur_x)
     _check_blur("mask_blur_y", mask_blur_y)
@@ -181,18 +182,31 @@ def prepare_inpainting(
         )
     if isinstance(invert, bool) or invert not in (0, 1):
         raise ValueError(f"inpainting_mask_invert must be 0 or 1, got {invert!r}")
-    if image.size != mask.size:
-        raise ValueError(f"mask size {mask.size} differs from image size {image.size}")
+    size = size or image.size
 
     mask = _binary_mask(mask)
     if invert:
         mask = ImageOps.invert(mask)
-    mask = blur_mask(mask, mask_blur_x, mask_blur_y)
-    image = _flatten(image)
-    if inpainting_fill == 0:
-        # A1111 fills under the blurred mask (latent_mask), not the sharp one.
-        image = fill(image, mask)
-    return image, mask
+    mask = blur_mask(mask, mask_blur_x, mask_blur_y).resize(size, Image.Resampling.LANCZOS)  # resize_image(0, ...)
+    original = _flatten(image).resize(size, Image.Resampling.LANCZOS)
+    # A1111 fills under the blurred mask (latent_mask), not the sharp one.
+    filled = fill(original, mask) if inpainting_fill == 0 else original
+    return InpaintingInputs(filled, mask, original)
+
+
+def paste_original(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's overlay after inpainting (opts.overlay_inpaint, on by default): the original image composited
+    over the generated one with alpha 255 - mask_for_overlay, where mask_for_overlay = clip(2·mask): outside a
+    sharpened copy of the blurred mask, the result is the original pixel for pixel.
+
+    processing.py: mask_for_overlay in StableDiffusionProcessingImg2Img.init, apply_overlay after decoding.
+    """
+    sharpened = np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8)
+    overlay = Image.new("RGBa", original.size)
+    overlay.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(Image.fromarray(sharpened)))
+    result = generated.convert("RGBA")
+    result.alpha_composite(overlay.convert("RGBA"))
+    return result.convert("RGB")
 
 
 def _binary_mask(mask: Image.Image) -> Image.Image:

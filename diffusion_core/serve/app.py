@@ -23,11 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from .. import a1111
+from ..generation import GeneratedImage
 from ..schedulers import supports_karras_sigmas
 from .executors import LocalExecutor
-from .jobs import build_job, png_info, response
+from .jobs import build_job, option_changes, png_info, response
 from .models import ModelStore, UnknownName
-from .schemas import Img2Img, Options, PngInfo, Txt2Img
+from .schemas import Img2Img, PngInfo, Txt2Img
 from .security import BodyLimit, Limits, RequestError, credentials_match, decode_image
 from .worker import QueueFull, Task
 
@@ -42,7 +43,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     credentials: list[tuple[str, str]] | None = None  # --api-auth; None: no auth (loopback only)
     queue_size: int = 8                                # requests that may wait besides the running one
-    result_cache_size: int = 64                        # answers kept for requests with a fixed seed
+    result_cache_size: int = 64                        # requests' images kept when their seed is fixed
 
 
 class Metrics:
@@ -62,20 +63,21 @@ class Metrics:
 
 
 class ResultCache:
-    """The answers to the last `size` fixed-seed requests, by Job.cache_key (least recently used goes first)."""
+    """The images of the last `size` fixed-seed requests, by Job.cache_key (least recently used goes first).
+    Images, not answers: the answer echoes each request's own fields (send_images, parameters, ...)."""
 
     def __init__(self, size: int):
-        self.size, self.answers = size, OrderedDict()
+        self.size, self.images = size, OrderedDict()
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        if key in self.answers:
-            self.answers.move_to_end(key)
-        return self.answers.get(key)
+    def get(self, key: str) -> list[GeneratedImage] | None:
+        if key in self.images:
+            self.images.move_to_end(key)
+        return self.images.get(key)
 
-    def put(self, key: str, answer: dict[str, Any]) -> None:
-        self.answers[key] = answer
-        while len(self.answers) > self.size:
-            self.answers.popitem(last=False)
+    def put(self, key: str, images: list[GeneratedImage]) -> None:
+        self.images[key] = images
+        while len(self.images) > self.size:
+            self.images.popitem(last=False)
 
 
 def create_app(settings: Settings, executor=None) -> FastAPI:
@@ -85,6 +87,7 @@ def create_app(settings: Settings, executor=None) -> FastAPI:
     executor.on_change = lambda: metrics.queue_depth.set(executor.depth())
     results = ResultCache(settings.result_cache_size)
     options = {"sd_model_checkpoint": _first_checkpoint(store), "CLIP_stop_at_last_layers": 1}
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -135,7 +138,7 @@ def create_app(settings: Settings, executor=None) -> FastAPI:
         key = job.cache_key(store) if request.seed != -1 else None
         if key is not None and (cached := results.get(key)) is not None:
             metrics.cache_hits.labels("result").inc()
-            return cached
+            return response(request, job, cached, started)
         task = Task(name=name, id=request.force_task_id or "", job_count=job.n_iter)
         try:
             made = await _until_done(executor.generate(job, task), task, http, executor)
@@ -144,12 +147,11 @@ def create_app(settings: Settings, executor=None) -> FastAPI:
             return _error(429, "QueueFull", f"the queue is full ({settings.queue_size} requests waiting); retry "
                           f"in about {retry} s", headers={"Retry-After": str(retry)})
         metrics.generation.observe(time.time() - (task.started or started))
-        answer = response(request, job, made, started)
         if key is not None and not any(r.interrupted for r in made) and len(made) == len(job.configs):
-            results.put(key, answer)
+            results.put(key, made)
         log.info("generated", extra={"fields": {"task": task.id, "images": len(made), "seconds":
                                                 round(time.time() - started, 3)}})
-        return answer
+        return response(request, job, made, started)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Txt2Img, http: Request):
@@ -214,13 +216,7 @@ def create_app(settings: Settings, executor=None) -> FastAPI:
 
     @app.post("/sdapi/v1/options")
     async def set_options(body: dict[str, Any]):
-        try:
-            changes = Options(**body).model_dump(exclude_none=True)
-        except ValueError as error:
-            raise RequestError(f"options: this server has the settings {list(Options.model_fields)}; {error}",
-                               status=400) from None
-        if "CLIP_stop_at_last_layers" in changes and not 1 <= changes["CLIP_stop_at_last_layers"] <= 12:
-            raise RequestError("CLIP_stop_at_last_layers must lie in 1..12 (A1111's Clip skip)")
+        changes = option_changes(body)
         if "sd_model_checkpoint" in changes:  # loaded now, by the executor, so a broken file answers here
             checkpoint = await run_in_threadpool(store.find, changes["sd_model_checkpoint"])
             try:

@@ -127,7 +127,10 @@ def _serve_on_ray(args: argparse.Namespace, store_kwargs: dict, limits: Limits,
         raise ImportError(f"--ray needs the [ray] extra: pip install 'diffusion-core[ray]' ({error})") from None
     if args.replicas < 1 or args.cpus_per_replica < 1:
         raise ValueError("--replicas and --cpus-per-replica must be at least 1")
-    ray.init(include_dashboard=False) if "RAY_ADDRESS" not in os.environ else ray.init()
+    if "RAY_ADDRESS" in os.environ:  # a cluster's
+        ray.init()
+    else:  # a local Ray of this machine's CPUs and GPUs, without its dashboard's open port
+        ray.init(include_dashboard=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below runs
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

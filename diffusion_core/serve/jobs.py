@@ -23,8 +23,9 @@ from PIL import Image
 from .. import a1111
 from ..generation import GeneratedImage, GenerationConfig
 from ..pipeline import DiffusionModel
+from .a1111_masks import paste_original, prepare_inpainting
 from .models import Checkpoint, ModelStore
-from .schemas import Img2Img, Txt2Img, unsupported
+from .schemas import Img2Img, Options, Txt2Img, unsupported
 from .security import Limits, RequestError, decode_image
 from .worker import Task
 
@@ -42,7 +43,8 @@ class Job:
     checkpoint: Checkpoint
     loras: list[tuple[str, Path, float]] = field(default_factory=list)  # (name, file, weight) from the prompt
     init_images: list[Image.Image] = field(default_factory=list)
-    mask: Image.Image | None = None
+    mask: Image.Image | None = None             # inpainting: A1111's blurred latent mask
+    originals: list[Image.Image] = field(default_factory=list)  # inpainting: pasted back outside the mask
     strength: float | None = None
     infotext_extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,7 +60,8 @@ class Job:
     def cache_key(self, store: ModelStore) -> str:
         """The result cache's key: the normalised request (every config, image and LoRA by content), the
         checkpoint's sha256 and the package version."""
-        images = [hashlib.sha256(image.tobytes()).hexdigest() for image in [*self.init_images, self.mask] if image]
+        images = [hashlib.sha256(image.tobytes()).hexdigest()
+                  for image in [*self.init_images, *self.originals, self.mask] if image is not None]
         loras = [(name, store.lora_sha256(path), weight) for name, path, weight in self.loras]
         normalised = {"mode": self.mode, "configs": [c.to_dict() for c in self.configs], "batch": self.batch_size,
                       "images": images, "strength": self.strength, "loras": loras, "extra": self.infotext_extra,
@@ -92,14 +95,24 @@ def build_job(request: Txt2Img, store: ModelStore, options: dict[str, Any], limi
 
 
 def _overrides(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """override_settings: only the options this server has (schemas.Options)."""
-    from .schemas import Options
+    return option_changes(settings or {}, "override_settings")
 
+
+def option_changes(values: dict[str, Any], field: str = "options") -> dict[str, Any]:
+    """The settings `values` changes: only the allowlist of schemas.Options, each in its range."""
+    unknown = sorted(set(values) - set(Options.model_fields))
+    if unknown:
+        raise RequestError(f"{field}: {unknown} are not settings of this server; it has "
+                           f"{list(Options.model_fields)}", status=400)
     try:
-        return Options(**(settings or {})).model_dump(exclude_none=True)
-    except ValueError as error:
-        raise RequestError(f"override_settings: only {list(Options.model_fields)} are settings of this server; "
-                           f"{error}", status=400) from None
+        changes = Options(**values).model_dump(exclude_none=True)
+    except ValueError as error:  # pydantic's: a value of the wrong type
+        problem = error.errors()[0]
+        raise RequestError(f"{field}: {problem['loc'][0]}: {problem['msg']}") from None
+    if not 1 <= changes.get("CLIP_stop_at_last_layers", 1) <= 12:
+        raise RequestError(f"{field}: CLIP_stop_at_last_layers must lie in 1..12 (A1111's Clip skip), got "
+                           f"{changes['CLIP_stop_at_last_layers']}")
+    return changes
 
 
 def _sampler(request: Txt2Img) -> tuple[str, bool | None]:
@@ -139,8 +152,6 @@ def _extra_networks(request: Txt2Img, store: ModelStore) -> tuple[str, list[tupl
 
 def _add_images(job: Job, request: Img2Img, limits: Limits) -> None:
     """img2img's init images, strength and (inpainting) mask, prepared as A1111 prepares them."""
-    from .a1111_masks import prepare_inpainting
-
     if not request.init_images:
         raise RequestError("init_images: img2img needs at least one image")
     if request.denoising_strength is None or not 0 < request.denoising_strength <= 1:
@@ -157,10 +168,12 @@ def _add_images(job: Job, request: Img2Img, limits: Limits) -> None:
         request.mask_blur_x, request.mask_blur_y)
     try:
         prepared = [prepare_inpainting(image, mask, blur_x, blur_y, request.inpainting_fill,
-                                       request.inpainting_mask_invert) for image in job.init_images]
+                                       request.inpainting_mask_invert, (request.width, request.height))
+                    for image in job.init_images]
     except ValueError as error:
         raise RequestError(str(error), status=400) from None
-    job.mode, job.init_images, job.mask = "inpaint", [image for image, _ in prepared], prepared[0][1]
+    job.mode, job.mask = "inpaint", prepared[0].mask
+    job.init_images, job.originals = [p.image for p in prepared], [p.original for p in prepared]
     job.infotext_extra = {"Mask blur": blur_x if blur_x == blur_y else None,
                           "Mask blur x": blur_x if blur_x != blur_y else None,
                           "Mask blur y": blur_y if blur_x != blur_y else None,
@@ -182,11 +195,13 @@ def run_job(job: Job, model: DiffusionModel, task: Task) -> list[GeneratedImage]
                 results += model.generate_batch(batch, **common)
                 continue
             for config in batch:  # img2img and inpainting take one config at a time
-                image = job.init_images[len(results) % len(job.init_images)]
+                k = len(results) % len(job.init_images)
                 if job.mode == "image_to_image":
-                    results.append(model.image_to_image(config, image, job.strength, **common))
+                    results.append(model.image_to_image(config, job.init_images[k], job.strength, **common))
                 else:
-                    results.append(model.inpaint(config, image, job.mask, job.strength, **common))
+                    result = model.inpaint(config, job.init_images[k], job.mask, job.strength, **common)
+                    result.image = paste_original(result.image, job.originals[k], job.mask)  # A1111's overlay
+                    results.append(result)
                 if task.interrupted.is_set() or task.skipped.is_set():
                     break
         return results
