@@ -89,7 +89,8 @@ class ModelStore:
             name = path.name if self.checkpoint else "toy-shapes"
             return [Checkpoint(name, self.checkpoint, self._sha256(path))]
         found = [p for p in sorted(self.models_dir.rglob("*")) if _is_checkpoint(p)]
-        found = [p for p in found if not any(parent in found for parent in p.parents)]  # not files inside a folder
+        folders = {p for p in found if p.is_dir()}
+        found = [p for p in found if folders.isdisjoint(p.parents)]  # a diffusers folder's own files are its
         return [Checkpoint(p.relative_to(self.models_dir).as_posix(), p, self._sha256(p)) for p in found]
 
     def find(self, name: str) -> Checkpoint:

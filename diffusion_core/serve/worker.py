@@ -28,7 +28,7 @@ class Task:
     run: Callable[[Task], Any] | None = None  # the local worker calls it with the task itself
     name: str = "txt2img"               # A1111's `job`
     id: str = ""                        # A1111's task id (force_task_id, or a counter)
-    job_count: int = 1                  # images batches to make (A1111's n_iter)
+    job_count: int = 1                  # batches to make (A1111's n_iter)
     job_no: int = 0                     # batches done
     sampling_step: int = 0              # steps done in the current batch
     sampling_steps: int = 0             # steps the current batch takes
