@@ -437,3 +437,13 @@ def test_the_cli_png_carries_a1111s_sampler_name(tmp_path):
 def test_infotext_is_the_one_generated_images_carry(shapes):
     result = shapes.generate(config(use_karras_sigmas=True), progress=False)
     assert infotext(result).split("\n")[1].startswith("Steps: 8, Sampler: Euler, Schedule type: Karras, ")
+
+
+def test_a_diffusers_folder_is_one_checkpoint(tmp_path):
+    (tmp_path / "sd15" / "unet").mkdir(parents=True)
+    (tmp_path / "sd15" / "model_index.json").write_text("{}")
+    (tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "single.ckpt").write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    listing = ModelStore(models_dir=tmp_path).checkpoints()
+    assert [(c.name, c.model_name) for c in listing] == [("sd15", "sd15"), ("single.ckpt", "single")]
