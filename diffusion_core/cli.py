@@ -15,7 +15,7 @@ from . import preprocess
 from .adapters.lora import file_sha256, path_sha256
 from .control import ControlInput
 from .generation import GeneratedImage, GenerationConfig, read_png_parameters
-from .pipeline import QUALITY_PRESETS, DiffusionModel
+from .pipeline import DTYPES, QUALITY_PRESETS, DiffusionModel, device_and_dtype
 from .schedulers import SamplerType
 from .serve.batch import add_batch_parser, run_batch
 from .serve.command import add_serve_parser, run_serve
@@ -64,7 +64,6 @@ Images are never overwritten: each goes to the first free name <out>/<number>-<s
 chunk "diffusion-core" holds the parameters as JSON (GenerationConfig.from_png reads it back).
 """
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREPROCESSORS = ("canny", "shuffle", "inpaint")  # preprocess.py's weight-free ones; canny at cv2's usual 100, 200
 # the bundled shapes model's own tools: python -m diffusion_core.toy.train / .evaluate
 TOY_COMMANDS = {"train": "train the bundled shapes model from scratch (python -m diffusion_core.toy.train)",
@@ -297,8 +296,7 @@ def _open_images(args: argparse.Namespace) -> dict[str, Image.Image]:
 
 def _load_model(args: argparse.Namespace, checkpoint: Path | None = None) -> DiffusionModel:
     """--checkpoint (or the bundled model), or, given `checkpoint`, the refiner, on the same device and dtype."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if checkpoint is not None:
         return DiffusionModel.from_pretrained(checkpoint, device=device, dtype=dtype)
     if args.checkpoint is None:

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # quality -> (sampler, fraction of the model's default steps); None keeps the checkpoint's own sampler.
 # DPM-Solver++(2M) reaches in 20 steps what first-order samplers reach in 50 (Lu et al. 2022, arXiv:2211.01095).
 QUALITY_PRESETS = {"fast": ("dpmpp_2m", 0.4), "balanced": ("dpmpp_2m", 0.6), "high": (None, 1.0)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the commands' --dtype
 # diffusers' defaults of `strength` (and inpainting's guidance) per pipeline: SDXL's img2img and inpaint differ
 PIPELINE_DEFAULTS = {"sd": {"image_to_image": {"strength": 0.75}, "inpaint": {"strength": 1.0}},
                      "sdxl": {"image_to_image": {"strength": 0.3}, "inpaint": {"strength": 0.9999,
@@ -784,3 +785,9 @@ def _check_strength(strength: float, config: GenerationConfig, model: DiffusionM
 
 __all__ = ["DiffusionModel", "GenerationConfig", "GeneratedImage", "DenoisingStep", "InpaintingLatents",
            "Conditioning", "denoise", "timesteps_for_strength", "read_png_parameters", "QUALITY_PRESETS"]
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """The commands' --device and --dtype defaults: cuda when there is one, fp16 there and fp32 elsewhere."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)

@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from ..generation import GeneratedImage, GenerationConfig
-from ..pipeline import DiffusionModel
+from ..pipeline import DTYPES, DiffusionModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 EXAMPLES = """\

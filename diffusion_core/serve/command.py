@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
+from ..pipeline import DTYPES, device_and_dtype
 from .security import Limits, check_bind, parse_credentials
 
 SERVE_EXAMPLES = """\
@@ -28,7 +28,6 @@ GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /loras, /embeddings,
 /metrics (Prometheus). docs/serving.md has the table against A1111's and the security model.
 """
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_serve_parser(commands) -> None:
@@ -90,8 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.result_cache < 0 or args.max_body_mb <= 0:
         raise ValueError("--result-cache must be >= 0 and --max-body-mb positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     store_kwargs = dict(checkpoint=args.checkpoint, models_dir=args.models_dir, cache_size=args.model_cache,
                         device=device, dtype=dtype, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     store = ModelStore(**store_kwargs)  # checks the folders now, before anything starts

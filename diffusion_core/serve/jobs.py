@@ -23,7 +23,7 @@ from PIL import Image
 from .. import a1111
 from ..generation import GeneratedImage, GenerationConfig
 from ..pipeline import DiffusionModel
-from .a1111_masks import paste_original, prepare_inpainting
+from .a1111_masks import INPAINTING_FILL, paste_original, prepare_inpainting
 from .models import Checkpoint, ModelStore
 from .schemas import Img2Img, Options, Txt2Img, unsupported
 from .security import Limits, RequestError, decode_image
@@ -75,7 +75,7 @@ def build_job(request: Txt2Img, store: ModelStore, options: dict[str, Any], limi
     if problems:
         raise RequestError(f"not supported by this server: {'; '.join(problems)}", status=400)
     limits.check(request.width, request.height, request.steps, request.batch_size, request.n_iter)
-    settings = {**options, **_overrides(request.override_settings)}
+    settings = {**options, **option_changes(request.override_settings or {}, "override_settings")}
     checkpoint = store.find(settings["sd_model_checkpoint"])
     sampler, karras = _sampler(request)
     prompt, loras = _extra_networks(request, store)
@@ -92,10 +92,6 @@ def build_job(request: Txt2Img, store: ModelStore, options: dict[str, Any], limi
     if isinstance(request, Img2Img):
         _add_images(job, request, limits)
     return job
-
-
-def _overrides(settings: dict[str, Any] | None) -> dict[str, Any]:
-    return option_changes(settings or {}, "override_settings")
 
 
 def option_changes(values: dict[str, Any], field: str = "options") -> dict[str, Any]:
@@ -177,7 +173,7 @@ def _add_images(job: Job, request: Img2Img, limits: Limits) -> None:
     job.infotext_extra = {"Mask blur": blur_x if blur_x == blur_y else None,
                           "Mask blur x": blur_x if blur_x != blur_y else None,
                           "Mask blur y": blur_y if blur_x != blur_y else None,
-                          "Masked content": ["fill", "original"][request.inpainting_fill]}
+                          "Masked content": INPAINTING_FILL[request.inpainting_fill]}
 
 
 def run_job(job: Job, model: DiffusionModel, task: Task) -> list[GeneratedImage]:
